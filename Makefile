@@ -1,0 +1,32 @@
+# Two entry points: `make run` (demo with real blue/green upstreams) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/bgproxy demo --config config/bgproxy.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check bgproxy tests bench
+	$(BIN)/ruff format --check bgproxy tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) lint
+	bash .ci/system-deps
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	bash .ci/system-deps
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
