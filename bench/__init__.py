@@ -1,0 +1,1 @@
+"""Benchmarks for bgproxy; run from the repo root with `python -m bench.run`."""

@@ -1,0 +1,303 @@
+"""Throughput/latency benchmark: bgproxy vs HAProxy vs nginx vs no proxy, same upstream, same pinning.
+
+python -m bench.run [--duration 10] [--runs 3] [--connections 50,10] [--only bgproxy,haproxy] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.harness import (
+    HELLO,
+    LOAD_CORE,
+    PROXY_CORE,
+    REPO_ROOT,
+    ServiceError,
+    Services,
+    Upstream,
+    WrkResult,
+    format_table,
+    free_port,
+    median_run,
+    pinning_available,
+    run_wrk,
+    sigterm_as_exit,
+    spread_pct,
+    start_bgproxy,
+    start_nginx,
+    start_upstream,
+    tool_version,
+    wait_serving,
+)
+
+RESULTS = REPO_ROOT / "bench" / "results" / "latest.json"
+TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics")
+
+# A target starter brings its proxy up in front of the upstream and returns the URL to load.
+Starter = Callable[[Services, Path, Upstream], str]
+
+
+def start_direct(_services: Services, _workdir: Path, upstream: Upstream) -> str:
+    return upstream.url
+
+
+def start_haproxy(services: Services, workdir: Path, upstream: Upstream) -> str:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(
+        f"""global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend upstream
+
+backend upstream
+    server up1 {upstream.address}
+"""
+    )
+    service = services.start("haproxy", ["haproxy", "-db", "-f", str(conf)], PROXY_CORE)
+    url = f"http://127.0.0.1:{port}/"
+    wait_serving(url, upstream.body, service)
+    return url
+
+
+def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> str:
+    port = free_port()
+    http_body = f"""    upstream backend {{
+        server {upstream.address};
+        keepalive 64;
+        keepalive_requests 100000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    service = start_nginx(services, "nginx-proxy", workdir, http_body, PROXY_CORE)
+    url = f"http://127.0.0.1:{port}/"
+    wait_serving(url, upstream.body, service)
+    return url
+
+
+def bgproxy_starter(metrics: bool) -> Starter:
+    def start(services: Services, workdir: Path, upstream: Upstream) -> str:
+        name = "bgproxy" if metrics else "bgproxy-nometrics"
+        proxy = start_bgproxy(
+            services, workdir, [upstream.address], [upstream.address], metrics=metrics, name=name
+        )
+        wait_serving(proxy.url, upstream.body, proxy.service)
+        return proxy.url
+
+    return start
+
+
+STARTERS: dict[str, Starter] = {
+    "direct": start_direct,
+    "haproxy": start_haproxy,
+    "nginx": start_nginx_proxy,
+    "bgproxy": bgproxy_starter(metrics=True),
+    "bgproxy-nometrics": bgproxy_starter(metrics=False),
+}
+REQUIRED_TOOL = {"haproxy": "haproxy", "nginx": "nginx"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per cell; the median is kept")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of discarded warm-up per cell")
+    parser.add_argument("--connections", default="50,10", help="comma list of wrk -c values")
+    parser.add_argument(
+        "--only", default="", help=f"comma list of targets from {', '.join(TARGETS)}; 'bgproxy' means both"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 run of 3 s, 1 s warm-up")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.runs, args.warmup = 3, 1, 1
+    args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = [w for w in wanted if not any(t == w or t.startswith(f"{w}-") for t in TARGETS)]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    args.targets = [t for t in TARGETS if not wanted or any(t == w or t.startswith(f"{w}-") for w in wanted)]
+    if args.duration < 1 or args.runs < 1 or args.warmup < 0 or not args.connections:
+        parser.error("--duration and --runs must be >= 1, --warmup >= 0, --connections non-empty")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_target(url: str, target: str, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Warm up, then args.runs measured wrk runs per connection count; keep every run, report the median."""
+    cells: list[dict[str, object]] = []
+    for connections in args.connections:
+        if args.warmup:
+            run_wrk(url, connections, args.warmup)
+        runs: list[WrkResult] = []
+        for i in range(args.runs):
+            result = run_wrk(url, connections, args.duration)
+            runs.append(result)
+            log(
+                f"  {target:<18} c={connections:<3} run {i + 1}/{args.runs}: "
+                f"{result.requests_per_sec:>10.0f} req/s  p99 {result.latency_ms.get('p99', 0):.2f} ms"
+                f"  errors {result.errors}"
+            )
+        median = median_run(runs)
+        cells.append(
+            {
+                "target": target,
+                "connections": connections,
+                "median": median.as_dict(),
+                "spread_pct": round(spread_pct(runs), 1),
+                "errors_total": sum(r.errors for r in runs),
+                "runs": [r.as_dict() for r in runs],
+            }
+        )
+    return cells
+
+
+def ratio(cell: dict[str, object], baseline: dict[int, float], connections: int) -> str:
+    base = baseline.get(connections)
+    return f"{rps(cell) / base:.2f}" if base else "-"
+
+
+def rps(cell: dict[str, object]) -> float:
+    median = cell["median"]
+    assert isinstance(median, dict)
+    return float(median["requests_per_sec"])
+
+
+def render(cells: list[dict[str, object]], failures: dict[str, str], skipped: dict[str, str]) -> str:
+    def baseline(target: str) -> dict[int, float]:
+        return {int(str(c["connections"])): rps(c) for c in cells if c["target"] == target}
+
+    haproxy, direct = baseline("haproxy"), baseline("direct")
+    rows = []
+    for cell in cells:
+        median = cell["median"]
+        assert isinstance(median, dict)
+        latency = median["latency_ms"]
+        connections = int(str(cell["connections"]))
+        rows.append(
+            [
+                cell["target"],
+                connections,
+                f"{rps(cell):.0f}",
+                f"{latency.get('p50', float('nan')):.3f}",
+                f"{latency.get('p99', float('nan')):.3f}",
+                cell["errors_total"],
+                f"{cell['spread_pct']}%",
+                ratio(cell, haproxy, connections),
+                ratio(cell, direct, connections),
+            ]
+        )
+    headers = ["target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread", "vs haproxy", "vs direct"]
+    text = format_table(headers, rows)
+    for target, reason in skipped.items():
+        text += f"\n{target}: skipped - {reason}"
+    for target, error in failures.items():
+        lines = error.strip().splitlines() or ["unknown error"]
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}"
+        text += f"\n{target}: FAILED - {summary}"
+    return text
+
+
+def metadata(args: argparse.Namespace, upstream_kind: str) -> dict[str, object]:
+    return {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "pinned": pinning_available(),
+        "proxy_core": PROXY_CORE,
+        "load_core": LOAD_CORE,
+        "upstream": upstream_kind,
+        "duration_s": args.duration,
+        "runs": args.runs,
+        "warmup_s": args.warmup,
+        "connections": args.connections,
+        "wrk": "wrk -t1 -cC -dDs --timeout 2s --latency",
+        "versions": {
+            "wrk": tool_version(["wrk", "-v"]),
+            "haproxy": tool_version(["haproxy", "-v"]),
+            "nginx": tool_version(["nginx", "-v"]),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        log("wrk is not installed (bash .ci/system-deps installs it)")
+        return 2
+    if not pinning_available():
+        log("warning: taskset or a second CPU is missing; running unpinned, expect more noise")
+    cells: list[dict[str, object]] = []
+    failures: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    with (
+        sigterm_as_exit(),
+        tempfile.TemporaryDirectory(prefix="bgproxy-bench-") as tmp,
+        Services(Path(tmp)) as services,
+    ):
+        workdir = Path(tmp)
+        upstream = start_upstream(services, workdir, HELLO)
+        log(f"upstream: {upstream.kind} on {upstream.address}")
+        for target in args.targets:
+            tool = REQUIRED_TOOL.get(target)
+            if tool and shutil.which(tool) is None:
+                skipped[target] = f"{tool} not installed"
+                continue
+            log(f"{target}:")
+            running = set(services.running())
+            try:
+                url = STARTERS[target](services, workdir / target, upstream)
+                cells += bench_target(url, target, args)
+            except (ServiceError, RuntimeError, ValueError) as err:
+                failures[target] = str(err)
+                log(f"  {target} FAILED: {err}")
+            finally:
+                # One proxy at a time: the next target gets core 0 to itself.
+                for service in set(services.running()) - running:
+                    services.stop(service)
+        meta = metadata(args, upstream.kind)
+    print(render(cells, failures, skipped))
+    report = {"meta": meta, "results": cells, "failures": failures, "skipped": skipped}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {args.output}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; children stopped")
+        sys.exit(130)

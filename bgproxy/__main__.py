@@ -1,0 +1,7 @@
+"""`python -m bgproxy` is the `bgproxy` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Process wiring: the proxy listener, the switching state, the housekeeping timers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from .config import Config
+from .proxy import ClientConnection
+from .router import Router
+from .stats import Stats
+from .switching import Switchboard, Weights
+
+log = logging.getLogger("bgproxy")
+
+
+class App:
+    """One running bgproxy: start() binds the listeners, stop() closes everything."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.switchboard = Switchboard(
+            Weights(config.weights.blue, config.weights.green),
+            drain_timeout=config.drain_timeout,
+            updated_at=time.time(),
+        )
+        self.stats = Stats(config.metrics.latency_buckets)
+        self.router: Router | None = None
+        self._server: asyncio.Server | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @property
+    def proxy_port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        router = self.router = Router(self.config, self.switchboard, self.stats)
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: ClientConnection(router), listen.host, listen.port, reuse_address=True, backlog=4096
+        )
+        self._housekeeping = loop.create_task(self._tick())
+        log.info(
+            "bgproxy listening",
+            extra={
+                "listen": f"{listen.host}:{self.proxy_port}",
+                "weights": self.switchboard.weights.as_dict(),
+            },
+        )
+
+    async def _tick(self) -> None:
+        """Once a second: expire idle upstream connections."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.router is not None:
+                self.router.expire_idle()
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self._server is not None:
+            self._server.close()
+        if self.router is not None:
+            for conn in list(self.router.connections):
+                conn.abort()
+            for pool in self.router.pools.values():
+                pool.close_idle()
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("bgproxy stopped")

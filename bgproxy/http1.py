@@ -1,0 +1,275 @@
+"""HTTP/1.1 proxy rules (RFC 9110 §7.6, RFC 9112): pure functions over raw header lists.
+
+Everything here works on the bytes httptools hands us, so the hot path never decodes a header it
+does not have to look at. The rules live apart from the protocol classes so they can be tested as
+tables.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import NamedTuple
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 plus the historical ones every proxy still strips.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Set by bgproxy itself; a client's copy is replaced unless the peer is a trusted proxy.
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+_NO_LENGTH = frozenset({100, 101, 102, 103, 204})
+_REASON_OK = frozenset(range(0x20, 0x7F)) | {0x09} | frozenset(range(0x80, 0x100))
+
+
+class Refusal(Exception):
+    """A request bgproxy answers itself, before anything reaches an upstream."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+class RequestHead(NamedTuple):
+    """What the data plane needs to know about a validated client request."""
+
+    head: bytes  # the request head to send upstream, framing included
+    chunked: bool  # body arrives chunked (we re-chunk it upstream)
+    has_body: bool
+    content_length: int  # -1 when chunked or absent
+    expect_continue: bool
+    upgrade: bytes  # lower-cased Upgrade protocol when the client asks to switch, else b""
+    host: bytes
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-cased option names listed in Connection headers."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for raw in value.split(b","):
+            token = raw.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def build_request_head(
+    method: bytes,
+    target: bytes,
+    http_version: str,
+    headers: Headers,
+    *,
+    client_ip: str,
+    trusted_peer: bool,
+    scheme: bytes,
+    via: bytes,
+    upstream_host: bytes,
+) -> RequestHead:
+    """Validate a request head and build the one to forward, or raise Refusal.
+
+    llhttp has already refused CL+TE, duplicate or bad Content-Length, obs-fold and bad
+    characters; this adds the rules a proxy needs on top of a parser.
+    """
+    if method == b"CONNECT":
+        raise Refusal(405, "CONNECT is not supported by this reverse proxy")
+    hosts: list[bytes] = []
+    conn_values: list[bytes] = []
+    te_values: list[bytes] = []
+    content_length = -1
+    expect: bytes | None = None
+    upgrade = b""
+    xff = b""
+    via_in = b""
+    kept: Headers = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"connection":
+            conn_values.append(value)
+            continue
+        elif lname == b"transfer-encoding":
+            te_values.append(value)
+            continue
+        elif lname == b"content-length":
+            content_length = int(value)
+        elif lname == b"expect":
+            expect = value.strip().lower()
+            continue
+        elif lname == b"upgrade":
+            upgrade = value.strip().lower()
+            continue
+        elif lname == b"via":
+            via_in = value if not via_in else via_in + b", " + value
+            continue
+        elif lname in FORWARDING:
+            if trusted_peer:
+                if lname == b"x-forwarded-for":
+                    xff = value if not xff else xff + b", " + value
+                    continue
+                kept.append((name, value))
+            continue
+        elif lname in HOP_BY_HOP:
+            continue
+        kept.append((name, value))
+
+    if http_version == "1.1" and len(hosts) != 1:
+        raise Refusal(400, "HTTP/1.1 request needs exactly one Host header")
+    if len(hosts) > 1:
+        raise Refusal(400, "more than one Host header")
+    chunked = False
+    if te_values:
+        codings = [c.strip().lower() for v in te_values for c in v.split(b",")]
+        if codings != [b"chunked"] or http_version == "1.0":
+            raise Refusal(400, "Transfer-Encoding other than a single final chunked")
+        chunked = True
+    if expect is not None and expect != b"100-continue":
+        raise Refusal(417, "only Expect: 100-continue is supported")
+
+    dropped = connection_tokens(conn_values)
+    if dropped:
+        if b"upgrade" not in dropped:
+            upgrade = b""
+        kept = [(n, v) for n, v in kept if n.lower() not in dropped]
+    else:
+        upgrade = b""
+
+    host = hosts[0] if hosts else upstream_host
+    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if not hosts:
+        lines += [b"Host: ", host, b"\r\n"]
+    for name, value in kept:
+        lines += [name, b": ", value, b"\r\n"]
+    forwarded_for = client_ip.encode()
+    lines += [b"X-Forwarded-For: ", (xff + b", " + forwarded_for) if xff else forwarded_for, b"\r\n"]
+    if not trusted_peer:
+        lines += [b"X-Forwarded-Proto: ", scheme, b"\r\nX-Forwarded-Host: ", host, b"\r\n"]
+    version_tag = b"1.0 " if http_version == "1.0" else b"1.1 "
+    lines += [b"Via: ", (via_in + b", ") if via_in else b"", version_tag, via, b"\r\n"]
+    if expect is not None:
+        lines.append(b"Expect: 100-continue\r\n")
+    if upgrade:
+        lines += [b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    has_body = chunked or content_length > 0
+    return RequestHead(b"".join(lines), chunked, has_body, content_length, expect is not None, upgrade, host)
+
+
+class ResponseFraming:
+    """How a response body is delimited toward the client."""
+
+    NONE = 0  # no body (HEAD, 1xx, 204, 304)
+    LENGTH = 1  # Content-Length passed through
+    CHUNKED = 2  # we chunk it (upstream chunked or close-delimited, HTTP/1.1 client)
+    CLOSE = 3  # close-delimited (HTTP/1.0 client)
+
+
+def safe_reason(status: int, reason: bytes) -> bytes:
+    """The upstream's reason phrase if it is clean, else the standard one (never CR/LF)."""
+    if reason and all(b in _REASON_OK for b in reason):
+        return reason
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def build_response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    bodiless: bool,
+    keep_alive: bool,
+    client_http10: bool,
+    via: bytes,
+    upgrade: bytes = b"",
+) -> tuple[bytes, int, bool]:
+    """The response head for the client: hop-by-hop headers out, our framing and Via in.
+
+    Returns (head, framing, keep_alive): a body we can only delimit by closing forces
+    keep_alive off. `bodiless` is true for HEAD requests and 1xx/204/304 statuses.
+    """
+    conn_values = [v for n, v in headers if n.lower() == b"connection"]
+    dropped = connection_tokens(conn_values) if conn_values else None
+    has_length = False
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", safe_reason(status, reason), b"\r\n"]
+    via_in = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or (dropped and lname in dropped):
+            continue
+        if lname == b"via":
+            via_in = value if not via_in else via_in + b", " + value
+            continue
+        if lname == b"content-length":
+            # A HEAD or 304 answer keeps the length it describes; 204 and 1xx have none.
+            if status in _NO_LENGTH:
+                continue
+            has_length = True
+        lines += [name, b": ", value, b"\r\n"]
+    if bodiless or upgrade:
+        framing = ResponseFraming.NONE
+    elif has_length:
+        framing = ResponseFraming.LENGTH
+    elif client_http10:
+        framing = ResponseFraming.CLOSE
+        keep_alive = False
+    else:
+        framing = ResponseFraming.CHUNKED
+    lines += [b"Via: ", (via_in + b", ") if via_in else b"", b"1.1 ", via, b"\r\n"]
+    if upgrade:
+        lines += [b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+    else:
+        if framing == ResponseFraming.CHUNKED:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif client_http10:
+            lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), framing, keep_alive
+
+
+def interim_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A 1xx response relayed to the client (100 Continue, 103 Early Hints)."""
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", safe_reason(status, reason), b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in HOP_BY_HOP:
+            lines += [name, b": ", value, b"\r\n"]
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def error_response(status: int, why: str, *, via: bytes, close: bool) -> bytes:
+    """A short text/plain answer bgproxy gives itself, saying why."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {why}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+    ).encode()
+    tail = b"Connection: close\r\n\r\n" if close else b"\r\n"
+    return head + b"Via: 1.1 " + via + b"\r\n" + tail + body
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """One chunk of a chunked body, as pieces for writelines (no copy of data)."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,99 @@
+"""Upstream servers of one color, their balancing, and their idle keep-alive connections."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .upstream_conn import UpstreamConnection
+
+Balance = Literal["round_robin", "least_outstanding"]
+
+
+class Upstream:
+    """One upstream server: where it is, how busy it is, and its idle connections."""
+
+    __slots__ = ("addr", "available", "color", "host", "idle", "max_idle", "outstanding", "port")
+
+    def __init__(self, color: str, host: str, port: int, max_idle: int) -> None:
+        self.color = color
+        self.host = host
+        self.port = port
+        self.addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.max_idle = max_idle
+        # LIFO reuse (append/pop on the right) keeps the warmest connections busy and lets the
+        # cold ones on the left expire.
+        self.idle: deque[UpstreamConnection] = deque()
+        self.outstanding = 0  # requests in flight to this upstream
+        self.available = True  # health checks and outlier ejection clear this
+
+    def take_idle(self, now: float, max_age: float) -> UpstreamConnection | None:
+        """A pooled connection young enough to trust, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < max_age and not conn.closed:
+                return conn
+            conn.close()
+        return None
+
+    def give_back(self, conn: UpstreamConnection, now: float) -> None:
+        """Keep a finished connection for reuse, unless the pool is full."""
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def expire_idle(self, now: float, max_age: float) -> None:
+        """Close idle connections before the upstream's own keep-alive timeout can race us."""
+        idle = self.idle
+        while idle and now - idle[0].idle_since >= max_age:
+            idle.popleft().close()
+
+    def close_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """Drop a pooled connection the upstream closed."""
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+
+class ColorPool:
+    """The upstreams of one color and how a request picks one of them."""
+
+    __slots__ = ("_next", "balance", "color", "upstreams")
+
+    def __init__(self, color: str, upstreams: list[Upstream], balance: Balance) -> None:
+        self.color = color
+        self.upstreams = upstreams
+        self.balance = balance
+        self._next = 0
+
+    def pick(self, exclude: Upstream | None = None) -> Upstream | None:
+        """The upstream for the next request, skipping unavailable ones (and `exclude`)."""
+        ups = self.upstreams
+        n = len(ups)
+        if self.balance == "least_outstanding":
+            best: Upstream | None = None
+            start = self._next
+            self._next = (start + 1) % n if n else 0
+            for i in range(n):
+                up = ups[(start + i) % n]  # rotating start breaks ties fairly
+                if up.available and up is not exclude and (best is None or up.outstanding < best.outstanding):
+                    best = up
+            return best
+        for _ in range(n):
+            up = ups[self._next]
+            self._next = (self._next + 1) % n
+            if up.available and up is not exclude:
+                return up
+        return None
+
+    def close_idle(self) -> None:
+        for up in self.upstreams:
+            up.close_idle()

@@ -1,0 +1,642 @@
+"""The client side of the data plane: one Protocol per client connection, one Exchange per request.
+
+Modelled on uvicorn's httptools protocol: httptools (llhttp) calls us back as bytes arrive, and
+every byte is forwarded as soon as it can be, never buffering whole bodies. Each request chooses
+its color again (keep-alive connections are not pinned), so a flip applies to the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import cast
+
+import httptools
+
+from .deadline import Deadline
+from .http1 import (
+    LAST_CHUNK,
+    Headers,
+    Refusal,
+    RequestHead,
+    ResponseFraming,
+    build_request_head,
+    build_response_head,
+    chunk,
+    error_response,
+    interim_head,
+)
+from .pool import Upstream
+from .router import Router
+from .stats import NONE_COLOR, ColorStats
+from .tunnel import Tunnel
+from .upstream_conn import UpstreamConnection, open_connection
+
+log = logging.getLogger("bgproxy.proxy")
+
+# Why client reading is paused (a bit set: reading resumes when no reason is left).
+_WAIT = 1  # the request's upstream is not connected yet, or it waits its pipelined turn
+_BACKPRESSURE = 2  # the upstream's write buffer is above its high-water mark
+_REFUSED = 4  # a pipelined request was refused: read nothing more
+
+_BODILESS = frozenset({204, 304})
+
+
+class Exchange:
+    """One request/response through the proxy, from parsed head to last response byte."""
+
+    __slots__ = (
+        "body_bytes",
+        "chunked",
+        "client",
+        "color",
+        "conn",
+        "connect_task",
+        "cstats",
+        "done",
+        "early",
+        "expect_continue",
+        "framing",
+        "got_response_bytes",
+        "has_body",
+        "head",
+        "http10",
+        "is_head",
+        "keep",
+        "keep_alive",
+        "pending",
+        "request_done",
+        "response_started",
+        "retried",
+        "reused",
+        "router",
+        "started",
+        "status",
+        "tunnel",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        req: RequestHead,
+        *,
+        color: str,
+        is_head: bool,
+        http10: bool,
+        keep_alive: bool,
+        started: float,
+    ) -> None:
+        router = client.router
+        self.client = client
+        self.router = router
+        self.color = color
+        self.cstats: ColorStats = router.stats.colors[color]
+        self.head = req.head
+        self.chunked = req.chunked
+        self.has_body = req.has_body
+        self.expect_continue = req.expect_continue
+        self.upgrade = req.upgrade
+        self.is_head = is_head
+        self.http10 = http10
+        self.keep_alive = keep_alive
+        self.started = started
+        self.body_bytes = 0
+        self.pending: list[bytes] = []  # framed request body waiting for the upstream connection
+        self.early = b""  # bytes after an Upgrade request, sent once the upstream says 101
+        self.request_done = False
+        self.upstream: Upstream | None = None
+        self.conn: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.status = 0
+        self.framing = ResponseFraming.NONE
+        self.keep = False
+        self.response_started = False
+        self.got_response_bytes = False
+        self.reused = False
+        self.retried = False
+        self.done = False
+        self.tunnel: Tunnel | None = None
+
+    # -- request side -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Pick an upstream of our color and send the request head (connecting if needed)."""
+        up = self.router.pools[self.color].pick()
+        if up is None:
+            self.fail(503, f"no {self.color} upstream available")
+            return
+        self._use(up)
+
+    def _use(self, up: Upstream) -> None:
+        self.upstream = up
+        up.outstanding += 1
+        conn = up.take_idle(self.router.loop.time(), self.router.upstream_idle)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.client.pause(_WAIT)
+            self.connect_task = self.router.loop.create_task(self._connect(up))
+
+    async def _connect(self, up: Upstream) -> None:
+        try:
+            conn = await open_connection(up, self.router.connect_timeout, self.router.upstream_header_timeout)
+        except TimeoutError:
+            self._connect_failed(up, 504, "connect_timeout", "did not accept the connection in time")
+            return
+        except OSError as exc:
+            self._connect_failed(up, 502, "connect_refused", f"refused the connection ({exc.strerror})")
+            return
+        finally:
+            self.connect_task = None
+        if self.done:  # the client went away meanwhile: keep the connection for someone else
+            up.give_back(conn, self.router.loop.time())
+            return
+        self._attach(conn)
+
+    def _connect_failed(self, up: Upstream, status: int, reason: str, why: str) -> None:
+        self.cstats.upstream_error(up.addr, reason)
+        if not self.done:
+            self._release_upstream()
+            self.fail(status, f"{self.color} upstream {up.addr} {why}")
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.ex = self
+        self.reused = conn.served > 0
+        transport = conn.transport
+        assert transport is not None
+        if self.client.write_paused:
+            transport.pause_reading()
+        if self.pending:
+            transport.writelines([self.head, *self.pending])
+            self.pending = []
+        else:
+            transport.write(self.head)
+        conn.deadline.arm(conn.header_timeout)
+        self.client.resume(_WAIT)
+
+    def request_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+        limit = self.router.max_body_bytes
+        if limit is not None and self.body_bytes > limit:
+            raise Refusal(413, f"request body larger than {limit} bytes")
+        conn = self.conn
+        if self.chunked:
+            if conn is not None:
+                conn.transport.writelines(chunk(body))  # type: ignore[union-attr]
+            else:
+                self.pending.extend(chunk(body))
+        elif conn is not None:
+            conn.transport.write(body)  # type: ignore[union-attr]
+        else:
+            self.pending.append(body)
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        if self.chunked:
+            if self.conn is not None:
+                self.conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            else:
+                self.pending.append(LAST_CHUNK)
+
+    # -- response side ----------------------------------------------------------------------------
+    def response_head(self, conn: UpstreamConnection, status: int, upstream_keep_alive: bool) -> None:
+        client = self.client
+        if status < 200:
+            if status == 101:
+                if not self.upgrade:
+                    raise httptools.HttpParserError("101 Switching Protocols without an Upgrade request")
+                head, _, _ = build_response_head(
+                    101, conn.reason, conn.headers, bodiless=True, keep_alive=True,
+                    client_http10=False, via=self.router.via, upgrade=self.upgrade,
+                )  # fmt: skip
+                conn.deadline.disarm()
+                self.status = 101
+                self.response_started = True
+                client.transport.write(head)  # type: ignore[union-attr]
+            elif not self.http10:
+                client.transport.write(interim_head(status, conn.reason, conn.headers))  # type: ignore[union-attr]
+            return
+        conn.deadline.disarm()
+        now = self.router.loop.time()
+        self.cstats.upstream_header(now - self.started)
+        self.status = status
+        keep = (
+            self.keep_alive
+            and self.request_done
+            and not self.upgrade
+            and not client.closing
+            and not self.router.closing
+        )
+        head, self.framing, self.keep = build_response_head(
+            status,
+            conn.reason,
+            conn.headers,
+            bodiless=self.is_head or status in _BODILESS,
+            keep_alive=keep,
+            client_http10=self.http10,
+            via=self.router.via,
+        )
+        self.response_started = True
+        client.transport.write(head)  # type: ignore[union-attr]
+        if self.is_head:
+            # llhttp cannot be told the response is to HEAD: finish here and give the
+            # connection a fresh parser, or it would wait for a body that never comes.
+            conn.reset_parser = True
+            self.response_complete(conn, upstream_keep_alive)
+
+    def response_body(self, body: bytes) -> None:
+        if self.framing == ResponseFraming.CHUNKED:
+            self.client.transport.writelines(chunk(body))  # type: ignore[union-attr]
+        else:
+            self.client.transport.write(body)  # type: ignore[union-attr]
+
+    def response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
+        if self.status < 200 or self.done:
+            return  # end of an interim (1xx) response, or the tail of a HEAD answer
+        if self.framing == ResponseFraming.CHUNKED:
+            self.client.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+        conn.served += 1
+        self._release_upstream(reusable=upstream_keep_alive and self.request_done)
+        self.finish()
+
+    def upgraded(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        """The upstream switched protocols: from here on, splice bytes both ways."""
+        tunnel = Tunnel(self, conn, websocket=self.upgrade == b"websocket")
+        self.tunnel = conn.tunnel = self.client.tunnel = tunnel
+        early, self.early = self.early, b""
+        tunnel.start(early, leftover)
+        self.client.upgrade_started()
+
+    def tunnel_ended(self) -> None:
+        """Either side closed the upgraded connection: the exchange is over."""
+        self._release_upstream()
+        self.finish()
+
+    # -- failures ---------------------------------------------------------------------------------
+    def upstream_failed(self, conn: UpstreamConnection, reason: str, why: str) -> None:
+        """The upstream broke the exchange: 502/504 if we can still say so, else cut the client."""
+        up = conn.upstream
+        self.cstats.upstream_error(up.addr, reason)
+        self._release_upstream()
+        if self.response_started:
+            self.client.abort()
+            self.finish()
+        else:
+            status = 504 if reason == "response_timeout" else 502
+            self.fail(status, f"{self.color} upstream {up.addr} {why}")
+
+    def upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The upstream connection closed while serving us."""
+        if self.response_started:
+            if self.framing in (ResponseFraming.CHUNKED, ResponseFraming.CLOSE) and self._close_delimited(
+                conn
+            ):
+                self.response_complete(conn, False)
+            else:
+                self.upstream_failed(conn, "reset_after_headers", "closed the connection mid-response")
+            return
+        if self.reused and not self.got_response_bytes and not self.has_body and not self.retried:
+            # The classic keep-alive race: the upstream closed an idle connection just as we
+            # reused it. Nothing was answered and there is no body to replay, so try afresh.
+            self.retried = True
+            up = conn.upstream
+            self._release_upstream()
+            self._use(up)
+            return
+        self.upstream_failed(conn, "reset_before_headers", "closed the connection before answering")
+
+    @staticmethod
+    def _close_delimited(conn: UpstreamConnection) -> bool:
+        """Whether the response had no length framing, so EOF is its proper end."""
+        for name, value in conn.headers:
+            lname = name.lower()
+            if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
+                return False
+        return True
+
+    def fail(self, status: int, why: str) -> None:
+        """Answer the client ourselves (no response byte was sent yet)."""
+        self.status = status
+        self.keep = self.keep_alive and self.request_done and not self.upgrade and not self.router.closing
+        self.client.transport.write(  # type: ignore[union-attr]
+            error_response(status, why, via=self.router.via, close=not self.keep)
+        )
+        self.finish()
+
+    def client_gone(self) -> None:
+        """The client disconnected: close the upstream side too, it cannot be reused safely."""
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        self._release_upstream()
+        if not self.status or not self.response_started:
+            self.status = 499  # nginx's "client closed request"
+        self.finish()
+
+    def _release_upstream(self, reusable: bool = False) -> None:
+        conn, up = self.conn, self.upstream
+        if up is not None:
+            up.outstanding -= 1
+            self.upstream = None
+        if conn is None:
+            return
+        self.conn = None
+        conn.ex = None
+        conn.deadline.disarm()
+        if reusable and not conn.closed and up is not None:
+            if self.client.write_paused:
+                conn.transport.resume_reading()  # type: ignore[union-attr]
+            up.give_back(conn, self.router.loop.time())
+        else:
+            conn.close()
+
+    def finish(self) -> None:
+        """Account for the exchange and let the client connection move on."""
+        if self.done:
+            return
+        self.done = True
+        router = self.router
+        self.cstats.in_flight -= 1
+        router.active[self.color].discard(self)
+        self.cstats.response(self.status, router.loop.time() - self.started)
+        if router.access_log:
+            log.info("%s %d %s", self.color, self.status, self.client.peer_ip)
+        self.client.exchange_done(self)
+
+
+class ClientConnection(asyncio.Protocol):
+    """Parses requests from one client, queues pipelined ones, and runs one Exchange at a time."""
+
+    __slots__ = (
+        "closing",
+        "current",
+        "deadline",
+        "header_bytes",
+        "headers",
+        "idle",
+        "parser",
+        "paused",
+        "peer_ip",
+        "queue",
+        "reading",
+        "refusal",
+        "router",
+        "transport",
+        "trusted",
+        "tunnel",
+        "upgrading",
+        "url",
+        "write_paused",
+    )
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.trusted = False
+        self.url = b""
+        self.headers: Headers = []
+        self.header_bytes = 0
+        self.current: Exchange | None = None  # the exchange being answered
+        self.reading: Exchange | None = None  # the request whose body is arriving
+        self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self.upgrading: Exchange | None = None  # an Upgrade request waiting for 101
+        self.tunnel: Tunnel | None = None
+        self.refusal: Refusal | None = None  # a pipelined refusal, sent after the current answer
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.idle = True  # between requests: a timeout closes silently instead of answering 408
+        self.deadline = Deadline(router.loop, self._timed_out)
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        router = self.router
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else "unknown"
+        self.trusted = router.is_trusted(self.peer_ip)
+        router.connections.add(self)
+        if len(router.connections) > router.max_connections:
+            self._refuse_now(Refusal(503, "too many client connections"))
+            return
+        self.deadline.arm(router.client_header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self.upgrading is not None:
+            self.upgrading.early += data
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            ctx = exc.__context__
+            self._refuse(ctx if isinstance(ctx, Refusal) else Refusal(400, f"malformed request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets its answer (RFC 9112 §9.6).
+        return self.current is not None or bool(self.queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.deadline.cancel()
+        self.router.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+            return
+        pending = [self.current, self.upgrading, self.reading, *self.queue]
+        self.current = self.reading = self.upgrading = None
+        self.queue.clear()
+        for ex in pending:
+            if ex is not None and not ex.done:
+                ex.client_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.transport.resume_reading()  # type: ignore[union-attr]
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        if self.idle:
+            self.idle = False
+            self.deadline.arm(self.router.client_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.router.max_header_bytes:
+            raise Refusal(431, f"request head larger than {self.router.max_header_bytes} bytes")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        router = self.router
+        self.deadline.disarm()
+        parser = self.parser
+        method = parser.get_method()
+        http_version = parser.get_http_version()
+        req = build_request_head(
+            method,
+            self.url,
+            http_version,
+            self.headers,
+            client_ip=self.peer_ip,
+            trusted_peer=self.trusted,
+            scheme=b"http",
+            via=router.via,
+            upstream_host=b"upstream",
+        )
+        limit = router.max_body_bytes
+        if limit is not None and req.content_length > limit:
+            raise Refusal(413, f"request body of {req.content_length} bytes is over the {limit} limit")
+        if req.upgrade and req.has_body:
+            raise Refusal(400, "an Upgrade request cannot carry a body")
+        color = router.switchboard.choose()
+        ex = Exchange(
+            self,
+            req,
+            color=color,
+            is_head=method == b"HEAD",
+            http10=http_version == "1.0",
+            keep_alive=parser.should_keep_alive(),
+            started=router.loop.time(),
+        )
+        ex.cstats.in_flight += 1
+        router.active[color].add(ex)
+        self.reading = ex
+        if self.current is None:
+            self.current = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.pause(_WAIT)
+
+    def on_body(self, body: bytes) -> None:
+        if self.reading is not None:
+            self.reading.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.reading
+        self.reading = None
+        if ex is not None:
+            ex.request_complete()
+
+    # -- used by exchanges ------------------------------------------------------------------------
+    def pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closing:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def pause_reading_for_backpressure(self) -> None:
+        self.pause(_BACKPRESSURE)
+
+    def resume_reading_after_backpressure(self) -> None:
+        self.resume(_BACKPRESSURE)
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """An answer is complete: close, start the next pipelined request, or wait idle."""
+        if ex is not self.current or self.transport is None:
+            return
+        self.current = None
+        if not ex.keep or self.closing:
+            self._close()
+            return
+        if self.queue:
+            nxt = self.current = self.queue.popleft()
+            nxt.start()
+            return
+        if self.refusal is not None:
+            self._refuse_now(self.refusal)
+            return
+        self.resume(_WAIT)
+        if self.reading is None:
+            self.idle = True
+            self.deadline.arm(self.router.idle_timeout)
+
+    def upgrade_started(self) -> None:
+        self.upgrading = None
+        self.deadline.cancel()
+        self.resume(_WAIT)
+
+    def abort(self) -> None:
+        """Cut the connection: a truncated response must never look complete."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _upgrade_requested(self, leftover: bytes) -> None:
+        ex = self.reading or self.current
+        if ex is None or not ex.upgrade:
+            self._refuse(Refusal(400, "unexpected protocol upgrade"))
+            return
+        ex.request_complete()
+        self.reading = None
+        ex.early += leftover
+        self.upgrading = ex
+        self.pause(_WAIT)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """A request we will not forward: answer it once nothing else is owed, then close."""
+        self.closing = True
+        ex = self.reading
+        if ex is not None:  # broken mid-body: the upstream got part of it, so it must go
+            self.reading = None
+            ex._release_upstream()
+            if ex is self.current and not ex.response_started:
+                ex.fail(refusal.status, refusal.why)
+                return
+            if ex is self.current:
+                self.abort()
+                ex.finish()
+                return
+        if self.current is None:
+            self._refuse_now(refusal)
+        else:
+            self.refusal = refusal
+            self.pause(_REFUSED)
+
+    def _refuse_now(self, refusal: Refusal) -> None:
+        self.router.stats.colors[NONE_COLOR].response(refusal.status, 0.0)
+        self.transport.write(  # type: ignore[union-attr]
+            error_response(refusal.status, refusal.why, via=self.router.via, close=True)
+        )
+        self._close()
+
+    def _timed_out(self) -> None:
+        if self.idle or self.current is not None:
+            self._close()  # idle keep-alive (or a fresh connection that never spoke): just close
+            return
+        self._refuse(Refusal(408, "request head not received in time"))
+
+    def _close(self) -> None:
+        self.closing = True
+        self.deadline.cancel()
+        if self.transport is not None:
+            self.transport.close()

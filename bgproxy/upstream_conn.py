@@ -1,0 +1,159 @@
+"""The upstream side of the data plane: one keep-alive HTTP/1.1 connection to an upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from .deadline import Deadline
+
+if TYPE_CHECKING:
+    from .pool import Upstream
+    from .proxy import Exchange
+    from .tunnel import Tunnel
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """Parses responses from one upstream and hands them to the exchange it serves.
+
+    A connection serves one exchange at a time (no pipelining toward upstreams) and returns to its
+    Upstream's idle pool when both sides agree to keep it alive.
+    """
+
+    __slots__ = (
+        "closed",
+        "deadline",
+        "ex",
+        "header_timeout",
+        "headers",
+        "idle_since",
+        "parser",
+        "reason",
+        "reset_parser",
+        "served",
+        "transport",
+        "tunnel",
+        "upstream",
+    )
+
+    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop, header_timeout: float) -> None:
+        self.upstream = upstream
+        self.header_timeout = header_timeout
+        self.deadline = Deadline(loop, self._timed_out)  # armed while we wait for a response head
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.ex: Exchange | None = None
+        self.idle_since = 0.0
+        self.closed = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.reset_parser = False  # after a response to HEAD: llhttp would wait for a body
+        self.served = 0  # exchanges served; >0 means a reused connection (stale-race retry)
+        self.tunnel: Tunnel | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
+        ex = self.ex
+        if ex is None:
+            self.close()  # an idle connection must not talk
+            self.upstream.forget(self)
+            return
+        ex.got_response_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            ex.upgraded(self, data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            if self.ex is not None:
+                self.ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
+            else:
+                self.close()
+        if self.reset_parser:
+            self.reset_parser = False
+            self.parser = httptools.HttpResponseParser(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: a half-closed upstream is not reusable
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline.cancel()
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
+        ex = self.ex
+        if ex is None:
+            self.upstream.forget(self)
+            return
+        ex.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.ex is not None:
+            self.ex.client.pause_reading_for_backpressure()
+
+    def resume_writing(self) -> None:
+        if self.ex is not None:
+            self.ex.client.resume_reading_after_backpressure()
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.ex
+        if ex is None:
+            raise httptools.HttpParserError("response without a request")
+        ex.response_head(self, self.parser.get_status_code(), self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.ex
+        if ex is None:
+            raise httptools.HttpParserError("body after a bodiless response")
+        ex.response_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.response_complete(self, self.parser.should_keep_alive())
+
+    def _timed_out(self) -> None:
+        if self.ex is not None:
+            self.ex.upstream_failed(
+                self, "response_timeout", f"sent no response head within {self.header_timeout:g}s"
+            )
+
+    # -- used by the exchange ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Close now, dropping anything unsent: used when the connection cannot be trusted."""
+        self.closed = True
+        self.ex = None
+        self.deadline.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_connection(
+    upstream: Upstream, connect_timeout: float, header_timeout: float
+) -> UpstreamConnection:
+    """Connect to an upstream within `connect_timeout` (TimeoutError / OSError on failure)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(connect_timeout):
+        _, conn = await loop.create_connection(
+            lambda: UpstreamConnection(upstream, loop, header_timeout), upstream.host, upstream.port
+        )
+    return conn
