@@ -7,15 +7,17 @@
 #       bgproxy:0.1.0
 #
 # The image ships config/bgproxy.yaml as a default; mount your own file over
-# /etc/bgproxy/bgproxy.yaml (read-only is fine). The working directory
-# /var/lib/bgproxy is the only place the bgproxy user may write, so keep a
-# relative state_file (or one under that directory) and mount a volume there
-# to keep the active colour across restarts.
+# /etc/bgproxy/bgproxy.yaml (read-only is fine). A relative state_file is
+# resolved against the config's directory, so /etc/bgproxy is writable by the
+# bgproxy group and the live weights survive `docker restart`. To keep them
+# across `docker rm`, set `state_file: /var/lib/bgproxy/bgproxy-state.json`
+# and mount a volume at /var/lib/bgproxy (as above).
 #
 # The proxy listens on 0.0.0.0:8080 (BGPROXY_LISTEN overrides the config's
-# listen address). The admin API stays on 127.0.0.1:9901 inside the container
-# unless an admin token is configured, so publishing 9901 only helps once a
-# token is set; the HEALTHCHECK reaches it over loopback either way.
+# listen address). The admin API stays on 127.0.0.1:9901 inside the container;
+# to publish 9901, set BGPROXY_ADMIN_LISTEN=0.0.0.0:9901 together with an admin
+# token (BGPROXY_ADMIN_TOKEN, passed at run time, never baked in). The
+# HEALTHCHECK reaches the admin API over loopback either way.
 
 # --- build: install bgproxy and its dependencies into a self-contained venv ---
 FROM python:3.12-slim AS build
@@ -44,10 +46,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 bgproxy \
     && useradd --system --uid 10001 --gid bgproxy --no-create-home \
         --home-dir /var/lib/bgproxy --shell /usr/sbin/nologin bgproxy \
-    && install -d -o bgproxy -g bgproxy -m 0750 /var/lib/bgproxy
+    && install -d -o bgproxy -g bgproxy -m 0750 /var/lib/bgproxy \
+    && install -d -o root -g bgproxy -m 0775 /etc/bgproxy
 
 COPY --from=build /opt/venv /opt/venv
-# Root-owned and world-readable: the proxy reads its config but cannot rewrite it.
+# The file stays root-owned 0644: the proxy writes its state next to it, never the config itself.
 COPY config/bgproxy.yaml /etc/bgproxy/bgproxy.yaml
 
 WORKDIR /var/lib/bgproxy

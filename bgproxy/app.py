@@ -7,6 +7,9 @@ import contextlib
 import logging
 import time
 
+from aiohttp import web
+
+from .admin import build_admin_app
 from .config import Config
 from .proxy import ClientConnection
 from .router import Router
@@ -30,6 +33,23 @@ class App:
         self.router: Router | None = None
         self._server: asyncio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._admin_site: web.TCPSite | None = None
+        self.shutting_down = False
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin_runner is not None
+        addrs = self._admin_runner.addresses
+        return int(addrs[0][1])
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to take traffic, and why not (for /readyz)."""
+        if self.shutting_down:
+            return False, "shutting down"
+        if self.router is None:
+            return False, "starting"
+        return True, "serving"
 
     @property
     def proxy_port(self) -> int:
@@ -44,6 +64,11 @@ class App:
             lambda: ClientConnection(router), listen.host, listen.port, reuse_address=True, backlog=4096
         )
         self._housekeeping = loop.create_task(self._tick())
+        admin = self.config.admin.listen
+        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        self._admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port, reuse_address=True)
+        await self._admin_site.start()
         log.info(
             "bgproxy listening",
             extra={
@@ -60,6 +85,9 @@ class App:
                 self.router.expire_idle()
 
     async def stop(self) -> None:
+        self.shutting_down = True
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
