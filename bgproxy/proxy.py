@@ -120,6 +120,13 @@ class Exchange:
         self.done = False
         self.tunnel: Tunnel | None = None
 
+    @property
+    def is_stream(self) -> bool:
+        """A long-lived exchange: upgraded, or a response body still streaming without a length."""
+        return self.tunnel is not None or (
+            self.response_started and self.framing in (ResponseFraming.CHUNKED, ResponseFraming.CLOSE)
+        )
+
     # -- request side -----------------------------------------------------------------------------
     def start(self) -> None:
         """Pick an upstream of our color and send the request head (connecting if needed)."""
@@ -360,7 +367,8 @@ class Exchange:
         router = self.router
         self.cstats.in_flight -= 1
         router.active[self.color].discard(self)
-        self.cstats.response(self.status, router.loop.time() - self.started)
+        now = router.loop.time()
+        self.cstats.response(self.status, now - self.started, now)
         if router.access_log:
             log.info("%s %d %s", self.color, self.status, self.client.peer_ip)
         self.client.exchange_done(self)
@@ -383,6 +391,7 @@ class ClientConnection(asyncio.Protocol):
         "reading",
         "refusal",
         "router",
+        "to_start",
         "transport",
         "trusted",
         "tunnel",
@@ -403,6 +412,9 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None  # the exchange being answered
         self.reading: Exchange | None = None  # the request whose body is arriving
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        # Parsed in this read but not yet sent: an exchange starts only once the whole read parsed
+        # cleanly, so a request whose body turns out malformed never reaches an upstream.
+        self.to_start: Exchange | None = None
         self.upgrading: Exchange | None = None  # an Upgrade request waiting for 101
         self.tunnel: Tunnel | None = None
         self.refusal: Refusal | None = None  # a pipelined refusal, sent after the current answer
@@ -439,6 +451,11 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             ctx = exc.__context__
             self._refuse(ctx if isinstance(ctx, Refusal) else Refusal(400, f"malformed request: {exc}"))
+        ex = self.to_start
+        if ex is not None:
+            self.to_start = None
+            if not ex.done:
+                ex.start()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets its answer (RFC 9112 §9.6).
@@ -525,8 +542,7 @@ class ClientConnection(asyncio.Protocol):
         router.active[color].add(ex)
         self.reading = ex
         if self.current is None:
-            self.current = ex
-            ex.start()
+            self.current = self.to_start = ex
         else:
             self.queue.append(ex)
             self.pause(_WAIT)
@@ -564,7 +580,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.current or self.transport is None:
             return
         self.current = None
-        if not ex.keep or self.closing:
+        if not ex.keep:
             self._close()
             return
         if self.queue:
@@ -573,6 +589,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.refusal is not None:
             self._refuse_now(self.refusal)
+            return
+        if self.closing:
+            self._close()
             return
         self.resume(_WAIT)
         if self.reading is None:
@@ -604,9 +623,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, refusal: Refusal) -> None:
         """A request we will not forward: answer it once nothing else is owed, then close."""
-        self.closing = True
         ex = self.reading
-        if ex is not None:  # broken mid-body: the upstream got part of it, so it must go
+        if ex is not None:  # broken mid-body: if the upstream got part of it, that connection must go
+            self.closing = True
             self.reading = None
             ex._release_upstream()
             if ex is self.current and not ex.response_started:
@@ -616,6 +635,9 @@ class ClientConnection(asyncio.Protocol):
                 self.abort()
                 ex.finish()
                 return
+            self.queue.remove(ex)  # still queued: it never started, account for it and answer below
+            ex.status = refusal.status
+            ex.finish()
         if self.current is None:
             self._refuse_now(refusal)
         else:
@@ -623,7 +645,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause(_REFUSED)
 
     def _refuse_now(self, refusal: Refusal) -> None:
-        self.router.stats.colors[NONE_COLOR].response(refusal.status, 0.0)
+        self.router.stats.colors[NONE_COLOR].response(refusal.status, 0.0, self.router.loop.time())
         self.transport.write(  # type: ignore[union-attr]
             error_response(refusal.status, refusal.why, via=self.router.via, close=True)
         )

@@ -42,7 +42,8 @@ class ColorStats:
         self.streams_ended = 0  # long-lived exchanges of a draining color that ended by themselves
         self.streams_deadline = 0  # closed by bgproxy at a drain or shutdown deadline
 
-    def response(self, status: int, duration: float) -> None:
+    def response(self, status: int, duration: float, now: float) -> None:
+        """One answered request; `now` is the loop's monotonic time (for rolling windows)."""
         codes = self.codes
         codes[status] = codes.get(status, 0) + 1
         self.duration_counts[bisect_left(self.buckets, duration)] += 1

@@ -17,8 +17,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # `from upstreams import ...` in every test module
 
-from bgproxy.app import App  # noqa: E402
-from bgproxy.config import load_config  # noqa: E402
+from bgproxy.app import App
+from bgproxy.config import load_config
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
