@@ -7,6 +7,7 @@ is checked by a real parser, and several responses on one connection come out on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import httptools
@@ -116,10 +117,8 @@ class RawClient:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 async def exchange(port: int, data: bytes, count: int = 1, *, head_only: bool = False) -> list[Response]:

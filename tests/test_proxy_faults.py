@@ -22,14 +22,16 @@ SMUGGLING = {
     "two_cl": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
     "te_gzip": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nabc",
     "te_chunked_then_gzip": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
-    "te_gzip_then_chunked": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "te_gzip_then_chunked": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"0\r\n\r\n",
     "te_in_http10": b"POST / HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "obs_fold": b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\r\n c\r\n\r\n",
     "space_before_colon": b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length : 4\r\n\r\nabcd",
     "bare_lf": b"GET / HTTP/1.1\nHost: t\n\n",
     "no_host": b"GET / HTTP/1.1\r\nX: y\r\n\r\n",
     "two_hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-    "bad_chunk_size": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "bad_chunk_size": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"zz\r\nabc\r\n0\r\n\r\n",
     "nul_in_header": b"GET / HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n",
     "connect": b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
 }
