@@ -178,6 +178,20 @@ class ResponseFraming:
     CLOSE = 3  # close-delimited (HTTP/1.0 client)
 
 
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    """`HTTP/1.1 200 OK\\r\\n`, cached: a handful of (status, reason) pairs cover real traffic."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, safe_reason(status, reason))
+        if len(_STATUS_LINES) < 1024:  # bounded: reasons come from upstreams
+            _STATUS_LINES[key] = line
+    return line
+
+
 def safe_reason(status: int, reason: bytes) -> bytes:
     """The upstream's reason phrase if it is clean, else the standard one (never CR/LF)."""
     if reason and all(b in _REASON_OK for b in reason):
@@ -207,7 +221,7 @@ def build_response_head(
     conn_values = [v for n, v in headers if n.lower() == b"connection"]
     dropped = connection_tokens(conn_values) if conn_values else None
     has_length = False
-    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", safe_reason(status, reason), b"\r\n"]
+    lines = [status_line(status, reason)]
     via_in = b""
     for name, value in headers:
         lname = name.lower()
@@ -247,7 +261,7 @@ def build_response_head(
 
 def interim_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """A 1xx response relayed to the client (100 Continue, 103 Early Hints)."""
-    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", safe_reason(status, reason), b"\r\n"]
+    lines = [status_line(status, reason)]
     for name, value in headers:
         if name.lower() not in HOP_BY_HOP:
             lines += [name, b": ", value, b"\r\n"]

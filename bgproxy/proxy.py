@@ -50,6 +50,7 @@ class Exchange:
         "body_bytes",
         "chunked",
         "client",
+        "closed_at_deadline",
         "color",
         "conn",
         "connect_task",
@@ -118,6 +119,7 @@ class Exchange:
         self.reused = False
         self.retried = False
         self.done = False
+        self.closed_at_deadline = False
         self.tunnel: Tunnel | None = None
 
     @property
@@ -222,9 +224,9 @@ class Exchange:
                 conn.deadline.disarm()
                 self.status = 101
                 self.response_started = True
-                client.transport.write(head)  # type: ignore[union-attr]
+                client.send(head)
             elif not self.http10:
-                client.transport.write(interim_head(status, conn.reason, conn.headers))  # type: ignore[union-attr]
+                client.send(interim_head(status, conn.reason, conn.headers))
             return
         conn.deadline.disarm()
         now = self.router.loop.time()
@@ -247,7 +249,7 @@ class Exchange:
             via=self.router.via,
         )
         self.response_started = True
-        client.transport.write(head)  # type: ignore[union-attr]
+        client.send(head)
         if self.is_head:
             # llhttp cannot be told the response is to HEAD: finish here and give the
             # connection a fresh parser, or it would wait for a body that never comes.
@@ -256,15 +258,15 @@ class Exchange:
 
     def response_body(self, body: bytes) -> None:
         if self.framing == ResponseFraming.CHUNKED:
-            self.client.transport.writelines(chunk(body))  # type: ignore[union-attr]
+            self.client.send_many(chunk(body))
         else:
-            self.client.transport.write(body)  # type: ignore[union-attr]
+            self.client.send(body)
 
     def response_complete(self, conn: UpstreamConnection, upstream_keep_alive: bool) -> None:
         if self.status < 200 or self.done:
             return  # end of an interim (1xx) response, or the tail of a HEAD answer
         if self.framing == ResponseFraming.CHUNKED:
-            self.client.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            self.client.send(LAST_CHUNK)
         conn.served += 1
         self._release_upstream(reusable=upstream_keep_alive and self.request_done)
         self.finish()
@@ -328,10 +330,24 @@ class Exchange:
         """Answer the client ourselves (no response byte was sent yet)."""
         self.status = status
         self.keep = self.keep_alive and self.request_done and not self.upgrade and not self.router.closing
-        self.client.transport.write(  # type: ignore[union-attr]
-            error_response(status, why, via=self.router.via, close=not self.keep)
-        )
+        self.client.send(error_response(status, why, via=self.router.via, close=not self.keep))
         self.finish()
+
+    def close_at_deadline(self, grace: float) -> None:
+        """A drain or shutdown deadline passed: end this exchange now, as cleanly as its kind allows."""
+        if self.done or self.closed_at_deadline:
+            return
+        self.closed_at_deadline = True
+        if self.tunnel is not None:
+            self.tunnel.close_going_away()  # 1001 at frame boundaries, then TCP after the grace
+            self.router.loop.call_later(grace, self.tunnel.force_close)
+        elif self.response_started:
+            self._release_upstream()
+            self.client.abort()  # a cut stream must not look complete
+            self.finish()
+        else:
+            self._release_upstream()
+            self.fail(503, f"{self.color} drained: its deadline passed before the upstream answered")
 
     def client_gone(self) -> None:
         """The client disconnected: close the upstream side too, it cannot be reused safely."""
@@ -367,6 +383,8 @@ class Exchange:
         router = self.router
         self.cstats.in_flight -= 1
         router.active[self.color].discard(self)
+        if self.closed_at_deadline or self.color in router.draining:
+            router.drain_progress(self)
         now = router.loop.time()
         self.cstats.response(self.status, now - self.started, now)
         if router.access_log:
@@ -397,6 +415,7 @@ class ClientConnection(asyncio.Protocol):
         "tunnel",
         "upgrading",
         "url",
+        "wbuf",
         "write_paused",
     )
 
@@ -420,6 +439,9 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: Refusal | None = None  # a pipelined refusal, sent after the current answer
         self.paused = 0
         self.write_paused = False
+        # While an upstream read is being parsed, writes to the client collect here and go out
+        # as one send (head + body + last chunk), instead of one syscall each.
+        self.wbuf: list[bytes] | None = None
         self.closing = False
         self.idle = True  # between requests: a timeout closes silently instead of answering 408
         self.deadline = Deadline(router.loop, self._timed_out)
@@ -557,7 +579,36 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.request_complete()
 
-    # -- used by exchanges ------------------------------------------------------------------------
+    # -- used by exchanges -----------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        if self.wbuf is not None:
+            self.wbuf.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def send_many(self, pieces: list[bytes]) -> None:
+        if self.wbuf is not None:
+            self.wbuf.extend(pieces)
+        elif self.transport is not None:
+            self.transport.writelines(pieces)
+
+    def hold_writes(self) -> None:
+        if self.wbuf is None:
+            self.wbuf = []
+
+    def flush(self) -> None:
+        """Send what was held, in one write when it is small."""
+        buf = self.wbuf
+        self.wbuf = None
+        if not buf or self.transport is None:
+            return
+        if len(buf) == 1:
+            self.transport.write(buf[0])
+        elif len(buf) < 8 and sum(map(len, buf)) < 16384:
+            self.transport.write(b"".join(buf))
+        else:
+            self.transport.writelines(buf)
+
     def pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
             self.transport.pause_reading()
@@ -590,7 +641,7 @@ class ClientConnection(asyncio.Protocol):
         if self.refusal is not None:
             self._refuse_now(self.refusal)
             return
-        if self.closing:
+        if self.closing or self.router.closing:
             self._close()
             return
         self.resume(_WAIT)
@@ -603,9 +654,15 @@ class ClientConnection(asyncio.Protocol):
         self.deadline.cancel()
         self.resume(_WAIT)
 
+    def close_if_idle(self) -> None:
+        """Shutdown: a keep-alive connection between requests is closed now (no request is lost)."""
+        if self.idle and self.current is None and self.tunnel is None and not self.queue:
+            self._close()
+
     def abort(self) -> None:
         """Cut the connection: a truncated response must never look complete."""
         self.closing = True
+        self.wbuf = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -646,9 +703,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse_now(self, refusal: Refusal) -> None:
         self.router.stats.colors[NONE_COLOR].response(refusal.status, 0.0, self.router.loop.time())
-        self.transport.write(  # type: ignore[union-attr]
-            error_response(refusal.status, refusal.why, via=self.router.via, close=True)
-        )
+        self.send(error_response(refusal.status, refusal.why, via=self.router.via, close=True))
         self._close()
 
     def _timed_out(self) -> None:
@@ -660,5 +715,6 @@ class ClientConnection(asyncio.Protocol):
     def _close(self) -> None:
         self.closing = True
         self.deadline.cancel()
+        self.flush()
         if self.transport is not None:
             self.transport.close()

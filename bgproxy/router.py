@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .pool import ColorPool, Upstream
@@ -17,6 +18,10 @@ from .switching import COLORS, Switchboard
 if TYPE_CHECKING:
     from .config import Config
     from .proxy import ClientConnection, Exchange
+
+
+def _ignore(ex: Exchange) -> None:
+    """drain_progress until a Drainer is attached."""
 
 
 class Router:
@@ -48,6 +53,9 @@ class Router:
         # In-flight exchanges per color: what a drain waits for and, at its deadline, closes.
         self.active: dict[str, set[Exchange]] = {color: set() for color in COLORS}
         self.closing = False  # shutting down: answer with Connection: close
+        # Colors being drained (or all, in shutdown): their exchanges are counted as they end.
+        self.draining: set[str] = set()
+        self.drain_progress: Callable[[Exchange], None] = _ignore
 
     def is_trusted(self, ip: str) -> bool:
         """Whether a peer's X-Forwarded-* headers may be appended to rather than replaced."""

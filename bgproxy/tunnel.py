@@ -84,7 +84,7 @@ class Tunnel:
             (self.client_frames, self._upstream, True),
             (self.upstream_frames, self._client, False),
         ):
-            if frames.at_boundary:
+            if frames.at_boundary and not frames.saw_close:
                 transport.write(close_frame(code, reason, masked=masked))
                 frames.saw_close = True
 
@@ -93,13 +93,18 @@ class Tunnel:
     ) -> None:
         """While closing: pass the rest of the current frame, then the close frame, then nothing."""
         if frames.saw_close and frames.at_boundary:
-            return  # our close went out already; what follows is not forwarded
+            return  # a close frame went out in this direction: nothing may follow it
         used = frames.feed(data, stop_at_boundary=True)
         out.write(data[:used])
-        if frames.at_boundary and self._closing is not None:
+        if frames.at_boundary and not frames.saw_close and self._closing is not None:
             code, reason = self._closing
             out.write(close_frame(code, reason, masked=masked))
             frames.saw_close = True
+
+    def force_close(self) -> None:
+        """The close handshake had its grace: close both TCP connections."""
+        self._client.close()
+        self._upstream.close()
 
     def client_lost(self) -> None:
         self.conn.close()

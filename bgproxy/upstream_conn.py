@@ -67,15 +67,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.upstream.forget(self)
             return
         ex.got_response_bytes = True
+        client = ex.client
+        client.hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            client.flush()  # the 101 goes out before any tunneled byte
             ex.upgraded(self, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             if self.ex is not None:
                 self.ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
             else:
                 self.close()
+        finally:
+            client.flush()
         if self.reset_parser:
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
