@@ -15,7 +15,23 @@ Balance = Literal["round_robin", "least_outstanding"]
 class Upstream:
     """One upstream server: where it is, how busy it is, and its idle connections."""
 
-    __slots__ = ("addr", "available", "color", "host", "idle", "max_idle", "outstanding", "port")
+    __slots__ = (
+        "addr",
+        "available",
+        "check_fails",
+        "check_passes",
+        "color",
+        "ejected_until",
+        "ejections",
+        "failures",
+        "healthy",
+        "host",
+        "idle",
+        "last_check",
+        "max_idle",
+        "outstanding",
+        "port",
+    )
 
     def __init__(self, color: str, host: str, port: int, max_idle: int) -> None:
         self.color = color
@@ -27,7 +43,20 @@ class Upstream:
         # cold ones on the left expire.
         self.idle: deque[UpstreamConnection] = deque()
         self.outstanding = 0  # requests in flight to this upstream
-        self.available = True  # health checks and outlier ejection clear this
+        # Health (see health.py). `available` is what the hot path reads; refresh() derives it.
+        self.healthy = True  # active checks: unhealthy after N failed probes
+        self.check_passes = 0
+        self.check_fails = 0
+        self.last_check: tuple[float, bool, str] | None = None  # (epoch, ok, detail)
+        self.failures = 0  # passive: consecutive connect failures / 5xx answers
+        self.ejected_until = 0.0  # epoch seconds; 0 = not ejected
+        self.ejections = 0
+        self.available = True
+
+    def refresh(self) -> None:
+        self.available = self.healthy and not self.ejected_until
+        if not self.available:
+            self.close_idle()
 
     def take_idle(self, now: float, max_age: float) -> UpstreamConnection | None:
         """A pooled connection young enough to trust, or None."""

@@ -166,9 +166,19 @@ class Exchange:
 
     def _connect_failed(self, up: Upstream, status: int, reason: str, why: str) -> None:
         self.cstats.upstream_error(up.addr, reason)
-        if not self.done:
-            self._release_upstream()
-            self.fail(status, f"{self.color} upstream {up.addr} {why}")
+        self.router.health.failed(up)
+        if self.done:
+            return
+        self._release_upstream()
+        if not self.retried:
+            # Nothing was sent yet (the body waits in `pending` or in the client socket), so the
+            # request is safe to try once on another upstream of the same color.
+            other = self.router.pools[self.color].pick(exclude=up)
+            if other is not None:
+                self.retried = True
+                self._use(other)
+                return
+        self.fail(status, f"{self.color} upstream {up.addr} {why}")
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -229,6 +239,11 @@ class Exchange:
                 client.send(interim_head(status, conn.reason, conn.headers))
             return
         conn.deadline.disarm()
+        up = conn.upstream
+        if status >= 500:
+            self.router.health.failed(up)
+        elif up.failures:
+            up.failures = 0
         now = self.router.loop.time()
         self.cstats.upstream_header(now - self.started)
         self.status = status

@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .health import HealthMonitor
 from .pool import ColorPool, Upstream
 from .stats import Stats
 from .switching import COLORS, Switchboard
@@ -52,6 +53,7 @@ class Router:
         self.connections: set[ClientConnection] = set()
         # In-flight exchanges per color: what a drain waits for and, at its deadline, closes.
         self.active: dict[str, set[Exchange]] = {color: set() for color in COLORS}
+        self.health = HealthMonitor(self)
         self.closing = False  # shutting down: answer with Connection: close
         # Colors being drained (or all, in shutdown): their exchanges are counted as they end.
         self.draining: set[str] = set()
