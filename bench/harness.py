@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELLO = "hello, world\n"
@@ -84,18 +85,30 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the whole process group, then SIGKILL it if it is still there after timeout."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self.proc.poll() is not None:
-                break
+        """SIGTERM the process group, SIGKILL it after timeout, then reap the leader.
+
+        The leader is reaped last: until then its pid, which is the group id, cannot be reused, so the
+        signals can only reach processes this harness started.
+        """
+        if self.proc.returncode is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+                if self._exited_within(timeout):
+                    break
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        # Helpers left in the group (none expected) go too, even if the leader already exited.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers the leader left behind, if any
         self.proc.wait(timeout)
+
+    def _exited_within(self, timeout: float) -> bool:
+        """Wait for the leader to exit without reaping it (WNOWAIT keeps the zombie, and so the pid)."""
+        deadline = time.monotonic() + timeout
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while os.waitid(os.P_PID, self.proc.pid, flags) is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
 
 class Services(contextlib.AbstractContextManager["Services"]):
@@ -264,8 +277,8 @@ class _FixedResponse(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # cast, not isinstance: uvloop's TCPTransport does not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.pending += data
@@ -415,9 +428,12 @@ def parse_wrk(text: str) -> WrkResult:
 def run_wrk(url: str, connections: int, duration_s: int, core: int | None = LOAD_CORE) -> WrkResult:
     """One single-threaded wrk run; killed if it outlives its duration by 15 s."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "2s", "--latency", url]
-    done = subprocess.run(
-        pinned(argv, core), capture_output=True, text=True, timeout=duration_s + 15, check=False
-    )
+    try:
+        done = subprocess.run(
+            pinned(argv, core), capture_output=True, text=True, timeout=duration_s + 15, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"wrk still running {err.timeout:.0f} s after start; killed") from None
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip() or done.stdout[-400:]}")
     return parse_wrk(done.stdout)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import (
@@ -140,10 +141,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration, args.runs, args.warmup = 3, 1, 1
     args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    unknown = [w for w in wanted if not any(t == w or t.startswith(f"{w}-") for t in TARGETS)]
+
+    def selects(word: str, target: str) -> bool:
+        return target == word or target.startswith(f"{word}-")
+
+    unknown = [w for w in wanted if not any(selects(w, t) for t in TARGETS)]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if not wanted or any(t == w or t.startswith(f"{w}-") for w in wanted)]
+    args.targets = [t for t in TARGETS if not wanted or any(selects(w, t) for w in wanted)]
     if args.duration < 1 or args.runs < 1 or args.warmup < 0 or not args.connections:
         parser.error("--duration and --runs must be >= 1, --warmup >= 0, --connections non-empty")
     return args
@@ -153,68 +158,93 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bench_target(url: str, target: str, args: argparse.Namespace) -> list[dict[str, object]]:
-    """Warm up, then args.runs measured wrk runs per connection count; keep every run, report the median."""
-    cells: list[dict[str, object]] = []
+def measure(
+    live: dict[str, str], order: list[str], connections: int, seconds: int, failures: dict[str, str]
+) -> dict[str, WrkResult]:
+    """One wrk run per target in order; a target whose run fails is reported and dropped from live."""
+    results: dict[str, WrkResult] = {}
+    for target in order:
+        try:
+            results[target] = run_wrk(live[target], connections, seconds)
+        except (RuntimeError, ValueError) as err:
+            failures[target] = f"wrk at c={connections}: {err}"
+            log(f"  {target} FAILED: {err}")
+            del live[target]
+    return results
+
+
+def bench(urls: dict[str, str], args: argparse.Namespace, failures: dict[str, str]) -> list[Cell]:
+    """Interleave the targets run by run, rotating the order, so a burst of background load on a shared
+    box hits every target alike instead of sinking one target's whole block of runs."""
+    live = dict(urls)
+    cells: list[Cell] = []
     for connections in args.connections:
         if args.warmup:
-            run_wrk(url, connections, args.warmup)
-        runs: list[WrkResult] = []
+            log(f"c={connections}: warm-up {args.warmup} s per target")
+            measure(live, list(live), connections, args.warmup, failures)
+        runs: dict[str, list[WrkResult]] = {target: [] for target in live}
         for i in range(args.runs):
-            result = run_wrk(url, connections, args.duration)
-            runs.append(result)
-            log(
-                f"  {target:<18} c={connections:<3} run {i + 1}/{args.runs}: "
-                f"{result.requests_per_sec:>10.0f} req/s  p99 {result.latency_ms.get('p99', 0):.2f} ms"
-                f"  errors {result.errors}"
-            )
-        median = median_run(runs)
-        cells.append(
-            {
-                "target": target,
-                "connections": connections,
-                "median": median.as_dict(),
-                "spread_pct": round(spread_pct(runs), 1),
-                "errors_total": sum(r.errors for r in runs),
-                "runs": [r.as_dict() for r in runs],
-            }
-        )
+            names = list(live)
+            shift = i % len(names) if names else 0
+            order = names[shift:] + names[:shift]
+            for target, result in measure(live, order, connections, args.duration, failures).items():
+                runs[target].append(result)
+                log(
+                    f"  {target:<18} c={connections:<3} run {i + 1}/{args.runs}: "
+                    f"{result.requests_per_sec:>10.0f} req/s  p99 {result.latency_ms.get('p99', 0):.2f} ms"
+                    f"  errors {result.errors}"
+                )
+        cells += [Cell(target, connections, results) for target, results in runs.items() if target in live]
     return cells
 
 
-def ratio(cell: dict[str, object], baseline: dict[int, float], connections: int) -> str:
-    base = baseline.get(connections)
-    return f"{rps(cell) / base:.2f}" if base else "-"
+@dataclass
+class Cell:
+    """All measured runs of one target at one connection count; reported through the median run."""
+
+    target: str
+    connections: int
+    runs: list[WrkResult]
+
+    @property
+    def median(self) -> WrkResult:
+        return median_run(self.runs)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "connections": self.connections,
+            "median": self.median.as_dict(),
+            "spread_pct": round(spread_pct(self.runs), 1),
+            "errors_total": sum(r.errors for r in self.runs),
+            "runs": [r.as_dict() for r in self.runs],
+        }
 
 
-def rps(cell: dict[str, object]) -> float:
-    median = cell["median"]
-    assert isinstance(median, dict)
-    return float(median["requests_per_sec"])
+def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str]) -> str:
+    """The table: medians, total errors, run-to-run spread, and req/s relative to haproxy and direct."""
 
-
-def render(cells: list[dict[str, object]], failures: dict[str, str], skipped: dict[str, str]) -> str:
     def baseline(target: str) -> dict[int, float]:
-        return {int(str(c["connections"])): rps(c) for c in cells if c["target"] == target}
+        return {c.connections: c.median.requests_per_sec for c in cells if c.target == target}
+
+    def ratio(value: float, base: float | None) -> str:
+        return f"{value / base:.2f}" if base else "-"
 
     haproxy, direct = baseline("haproxy"), baseline("direct")
     rows = []
-    for cell in cells:
-        median = cell["median"]
-        assert isinstance(median, dict)
-        latency = median["latency_ms"]
-        connections = int(str(cell["connections"]))
+    for c in cells:
+        median = c.median
         rows.append(
             [
-                cell["target"],
-                connections,
-                f"{rps(cell):.0f}",
-                f"{latency.get('p50', float('nan')):.3f}",
-                f"{latency.get('p99', float('nan')):.3f}",
-                cell["errors_total"],
-                f"{cell['spread_pct']}%",
-                ratio(cell, haproxy, connections),
-                ratio(cell, direct, connections),
+                c.target,
+                c.connections,
+                f"{median.requests_per_sec:.0f}",
+                f"{median.latency_ms.get('p50', float('nan')):.3f}",
+                f"{median.latency_ms.get('p99', float('nan')):.3f}",
+                sum(r.errors for r in c.runs),
+                f"{spread_pct(c.runs):.1f}%",
+                ratio(median.requests_per_sec, haproxy.get(c.connections)),
+                ratio(median.requests_per_sec, direct.get(c.connections)),
             ]
         )
     headers = ["target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread", "vs haproxy", "vs direct"]
@@ -258,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not pinning_available():
         log("warning: taskset or a second CPU is missing; running unpinned, expect more noise")
-    cells: list[dict[str, object]] = []
     failures: dict[str, str] = {}
     skipped: dict[str, str] = {}
     with (
@@ -267,28 +296,30 @@ def main(argv: list[str] | None = None) -> int:
         Services(Path(tmp)) as services,
     ):
         workdir = Path(tmp)
-        upstream = start_upstream(services, workdir, HELLO)
+        try:
+            upstream = start_upstream(services, workdir, HELLO)
+        except ServiceError as err:
+            log(f"upstream FAILED to start: {err}")
+            return 1
         log(f"upstream: {upstream.kind} on {upstream.address}")
+        urls: dict[str, str] = {}
         for target in args.targets:
             tool = REQUIRED_TOOL.get(target)
             if tool and shutil.which(tool) is None:
                 skipped[target] = f"{tool} not installed"
                 continue
-            log(f"{target}:")
-            running = set(services.running())
             try:
-                url = STARTERS[target](services, workdir / target, upstream)
-                cells += bench_target(url, target, args)
-            except (ServiceError, RuntimeError, ValueError) as err:
+                urls[target] = STARTERS[target](services, workdir / target, upstream)
+                log(f"{target}: serving at {urls[target]}")
+            except ServiceError as err:
                 failures[target] = str(err)
-                log(f"  {target} FAILED: {err}")
-            finally:
-                # One proxy at a time: the next target gets core 0 to itself.
-                for service in set(services.running()) - running:
-                    services.stop(service)
+                log(f"{target} FAILED to start: {err}")
+        # All proxies stay up together; idle ones cost core 0 nothing while another is loaded.
+        cells = bench(urls, args, failures)
         meta = metadata(args, upstream.kind)
     print(render(cells, failures, skipped))
-    report = {"meta": meta, "results": cells, "failures": failures, "skipped": skipped}
+    results = [c.as_dict() for c in cells]
+    report = {"meta": meta, "results": results, "failures": failures, "skipped": skipped}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {args.output}")
