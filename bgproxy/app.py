@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 
 from aiohttp import web
 
 from .admin import build_admin_app
-from .config import Config
+from .config import Config, ConfigError
+from .control import Controller
 from .proxy import ClientConnection
 from .router import Router
+from .state_store import PersistedState, StateStore
 from .stats import Stats
-from .switching import Switchboard, Weights
+from .switching import Switchboard, SwitchResult, Weights
 
 log = logging.getLogger("bgproxy")
 
@@ -22,13 +25,19 @@ log = logging.getLogger("bgproxy")
 class App:
     """One running bgproxy: start() binds the listeners, stop() closes everything."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reset_state: bool = False) -> None:
+        """``reset_state``: ignore the state file (even a corrupt one) and seed it from the config."""
+        _check_admin_exposure(config)
         self.config = config
         self.switchboard = Switchboard(
             Weights(config.weights.blue, config.weights.green),
             drain_timeout=config.drain_timeout,
             updated_at=time.time(),
         )
+        self.state_store = StateStore(config.state_file)
+        self._reset_state = reset_state
+        self.controller = Controller(self.switchboard, self.state_store, drain_timeout=config.drain_timeout)
+        self.controller.observers.append(self._close_idle_of_drained)
         self.stats = Stats(config.metrics.latency_buckets)
         self.router: Router | None = None
         self._server: asyncio.Server | None = None
@@ -56,7 +65,32 @@ class App:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _restore_state(self) -> None:
+        """The state file wins over the config, whose weights only seed a missing file.
+
+        Raises StateFileError for a corrupt or unwritable file: guessing could route to the wrong color.
+        """
+        saved = None if self._reset_state else self.state_store.load()
+        if saved is not None:
+            self.switchboard.restore(saved.weights, saved.version, saved.updated_at)
+            return
+        if self._reset_state:
+            log.warning(
+                "state file reset: seeding it from the config's weights",
+                extra={"state_file": str(self.state_store.path)},
+            )
+        board = self.switchboard
+        # Written now, so an unwritable state file stops the start instead of failing the first flip.
+        self.state_store.save(PersistedState(board.weights, board.version, board.updated_at))
+
+    def _close_idle_of_drained(self, result: SwitchResult) -> None:
+        """A color that lost its weight gets no new requests: its pooled idle connections are useless."""
+        if self.router is not None:
+            for drain in result.started_draining:
+                self.router.close_idle(drain.color)
+
     async def start(self) -> None:
+        self._restore_state()
         loop = asyncio.get_running_loop()
         router = self.router = Router(self.config, self.switchboard, self.stats)
         listen = self.config.listen
@@ -102,3 +136,21 @@ class App:
         if self._server is not None:
             await self._server.wait_closed()
         log.info("bgproxy stopped")
+
+
+def _check_admin_exposure(config: Config) -> None:
+    """Anyone who can reach the admin API can move all traffic: off loopback, it needs a token."""
+    if config.admin.tokens:
+        return
+    host = config.admin.listen.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            [
+                f"admin.listen: {config.admin.listen} is not a loopback address and admin.tokens is empty; "
+                "set a token (e.g. BGPROXY_ADMIN_TOKEN) or listen on 127.0.0.1"
+            ]
+        )

@@ -65,17 +65,65 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
+# What a request header is to the proxy: one dict lookup per header on the hot path.
+_HOST, _CONN, _TE, _CL, _EXPECT, _UPGRADE, _VIA, _XFF, _FWD, _HOP = range(10)
+_REQUEST_KINDS = {name: _HOP for name in HOP_BY_HOP} | {name: _FWD for name in FORWARDING}
+_REQUEST_KINDS |= {
+    b"host": _HOST,
+    b"connection": _CONN,
+    b"transfer-encoding": _TE,
+    b"content-length": _CL,
+    b"expect": _EXPECT,
+    b"upgrade": _UPGRADE,
+    b"via": _VIA,
+    b"x-forwarded-for": _XFF,
+}
+# Connection options that need no extra work: they are hop-by-hop already (or plain "close").
+_PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"})
+
+
+def _extra_options(conn_values: list[bytes]) -> set[bytes]:
+    """Header names a Connection header asks us to drop beyond the standard hop-by-hop ones."""
+    if all(v in _PLAIN_CONNECTION for v in conn_values):
+        return set()  # the common case: "Connection: keep-alive"
+    return connection_tokens(conn_values) - _PLAIN_OPTIONS
+
+
+class _KindCache(dict[bytes, int | None]):
+    """Exact header-name bytes -> kind, so the usual names skip bytes.lower() (bounded)."""
+
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        super().__init__()
+        self._kinds = kinds
+
+    def __missing__(self, name: bytes) -> int | None:
+        kind = self._kinds.get(name.lower())
+        if len(self) < 1024:  # names come from the network: never grow without bound
+            self[name] = kind
+        return kind
+
+
+_REQUEST_CACHE = _KindCache(_REQUEST_KINDS)
+
+
+def _without(lines: list[bytes], dropped: set[bytes]) -> list[bytes]:
+    """Flat [name, ": ", value, CRLF, ...] minus the headers whose names are in `dropped`."""
+    out: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in dropped:
+            out += lines[i : i + 4]
+    return out
+
+
 def build_request_head(
     method: bytes,
     target: bytes,
     http_version: str,
     headers: Headers,
-    *,
-    client_ip: str,
+    client_ip: bytes,
     trusted_peer: bool,
-    scheme: bytes,
     via: bytes,
-    upstream_host: bytes,
 ) -> RequestHead:
     """Validate a request head and build the one to forward, or raise Refusal.
 
@@ -92,38 +140,33 @@ def build_request_head(
     upgrade = b""
     xff = b""
     via_in = b""
-    kept: Headers = []
+    kept: list[bytes] = []
+    kinds = _REQUEST_CACHE
     for name, value in headers:
-        lname = name.lower()
-        if lname == b"host":
+        kind = kinds[name]
+        if kind is None:
+            kept += (name, b": ", value, b"\r\n")
+        elif kind == _HOST:
             hosts.append(value)
-        elif lname == b"connection":
-            conn_values.append(value)
-            continue
-        elif lname == b"transfer-encoding":
-            te_values.append(value)
-            continue
-        elif lname == b"content-length":
+            kept += (name, b": ", value, b"\r\n")
+        elif kind == _CL:
             content_length = int(value)
-        elif lname == b"expect":
+            kept += (name, b": ", value, b"\r\n")
+        elif kind == _CONN:
+            conn_values.append(value)
+        elif kind == _TE:
+            te_values.append(value)
+        elif kind == _EXPECT:
             expect = value.strip().lower()
-            continue
-        elif lname == b"upgrade":
+        elif kind == _UPGRADE:
             upgrade = value.strip().lower()
-            continue
-        elif lname == b"via":
+        elif kind == _VIA:
             via_in = value if not via_in else via_in + b", " + value
-            continue
-        elif lname in FORWARDING:
-            if trusted_peer:
-                if lname == b"x-forwarded-for":
-                    xff = value if not xff else xff + b", " + value
-                    continue
-                kept.append((name, value))
-            continue
-        elif lname in HOP_BY_HOP:
-            continue
-        kept.append((name, value))
+        elif trusted_peer:
+            if kind == _XFF:
+                xff = value if not xff else xff + b", " + value
+            elif kind == _FWD:
+                kept += (name, b": ", value, b"\r\n")
 
     if http_version == "1.1" and len(hosts) != 1:
         raise Refusal(400, "HTTP/1.1 request needs exactly one Host header")
@@ -138,30 +181,34 @@ def build_request_head(
     if expect is not None and expect != b"100-continue":
         raise Refusal(417, "only Expect: 100-continue is supported")
 
-    dropped = connection_tokens(conn_values)
-    if dropped:
-        if b"upgrade" not in dropped:
+    if conn_values:
+        if upgrade and b"upgrade" not in connection_tokens(conn_values):
             upgrade = b""
-        kept = [(n, v) for n, v in kept if n.lower() not in dropped]
+        extra = _extra_options(conn_values)
+        if extra:
+            kept = _without(kept, extra)
     else:
         upgrade = b""
 
-    host = hosts[0] if hosts else upstream_host
+    host = hosts[0] if hosts else b"upstream"
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     if not hosts:
-        lines += [b"Host: ", host, b"\r\n"]
-    for name, value in kept:
-        lines += [name, b": ", value, b"\r\n"]
-    forwarded_for = client_ip.encode()
-    lines += [b"X-Forwarded-For: ", (xff + b", " + forwarded_for) if xff else forwarded_for, b"\r\n"]
+        lines += (b"Host: ", host, b"\r\n")
+    lines += kept
+    lines += (b"X-Forwarded-For: ", (xff + b", " + client_ip) if xff else client_ip, b"\r\n")
     if not trusted_peer:
-        lines += [b"X-Forwarded-Proto: ", scheme, b"\r\nX-Forwarded-Host: ", host, b"\r\n"]
-    version_tag = b"1.0 " if http_version == "1.0" else b"1.1 "
-    lines += [b"Via: ", (via_in + b", ") if via_in else b"", version_tag, via, b"\r\n"]
+        lines += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", host, b"\r\n")
+    lines += (
+        b"Via: ",
+        (via_in + b", ") if via_in else b"",
+        b"1.0 " if http_version == "1.0" else b"1.1 ",
+        via,
+        b"\r\n",
+    )
     if expect is not None:
         lines.append(b"Expect: 100-continue\r\n")
     if upgrade:
-        lines += [b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     if chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     lines.append(b"\r\n")
@@ -202,11 +249,20 @@ def safe_reason(status: int, reason: bytes) -> bytes:
         return b"Unknown"
 
 
+_RESPONSE_KINDS = {name: _HOP for name in HOP_BY_HOP} | {
+    b"connection": _CONN,
+    b"via": _VIA,
+    b"content-length": _CL,
+}
+
+
+_RESPONSE_CACHE = _KindCache(_RESPONSE_KINDS)
+
+
 def build_response_head(
     status: int,
     reason: bytes,
     headers: Headers,
-    *,
     bodiless: bool,
     keep_alive: bool,
     client_http10: bool,
@@ -218,24 +274,28 @@ def build_response_head(
     Returns (head, framing, keep_alive): a body we can only delimit by closing forces
     keep_alive off. `bodiless` is true for HEAD requests and 1xx/204/304 statuses.
     """
-    conn_values = [v for n, v in headers if n.lower() == b"connection"]
-    dropped = connection_tokens(conn_values) if conn_values else None
     has_length = False
-    lines = [status_line(status, reason)]
+    conn_values: list[bytes] = []
     via_in = b""
+    lines = [status_line(status, reason)]
+    kinds = _RESPONSE_CACHE
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or (dropped and lname in dropped):
-            continue
-        if lname == b"via":
-            via_in = value if not via_in else via_in + b", " + value
-            continue
-        if lname == b"content-length":
+        kind = kinds[name]
+        if kind is None:
+            lines += (name, b": ", value, b"\r\n")
+        elif kind == _CL:
             # A HEAD or 304 answer keeps the length it describes; 204 and 1xx have none.
-            if status in _NO_LENGTH:
-                continue
-            has_length = True
-        lines += [name, b": ", value, b"\r\n"]
+            if status not in _NO_LENGTH:
+                has_length = True
+                lines += (name, b": ", value, b"\r\n")
+        elif kind == _CONN:
+            conn_values.append(value)
+        elif kind == _VIA:
+            via_in = value if not via_in else via_in + b", " + value
+    if conn_values:
+        extra = _extra_options(conn_values)
+        if extra:
+            lines = [lines[0], *_without(lines[1:], extra)]
     if bodiless or upgrade:
         framing = ResponseFraming.NONE
     elif has_length:
@@ -245,9 +305,9 @@ def build_response_head(
         keep_alive = False
     else:
         framing = ResponseFraming.CHUNKED
-    lines += [b"Via: ", (via_in + b", ") if via_in else b"", b"1.1 ", via, b"\r\n"]
+    lines += (b"Via: ", (via_in + b", ") if via_in else b"", b"1.1 ", via, b"\r\n")
     if upgrade:
-        lines += [b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n"]
+        lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     else:
         if framing == ResponseFraming.CHUNKED:
             lines.append(b"Transfer-Encoding: chunked\r\n")

@@ -83,7 +83,6 @@ class Exchange:
         self,
         client: ClientConnection,
         req: RequestHead,
-        *,
         color: str,
         is_head: bool,
         http10: bool,
@@ -228,9 +227,8 @@ class Exchange:
                 if not self.upgrade:
                     raise httptools.HttpParserError("101 Switching Protocols without an Upgrade request")
                 head, _, _ = build_response_head(
-                    101, conn.reason, conn.headers, bodiless=True, keep_alive=True,
-                    client_http10=False, via=self.router.via, upgrade=self.upgrade,
-                )  # fmt: skip
+                    101, conn.reason, conn.headers, True, True, False, self.router.via, self.upgrade
+                )
                 conn.deadline.disarm()
                 self.status = 101
                 self.response_started = True
@@ -238,30 +236,30 @@ class Exchange:
             elif not self.http10:
                 client.send(interim_head(status, conn.reason, conn.headers))
             return
-        conn.deadline.disarm()
+        conn.deadline.when = 0.0  # disarm
+        router = self.router
         up = conn.upstream
         if status >= 500:
-            self.router.health.failed(up)
+            router.health.failed(up)
         elif up.failures:
             up.failures = 0
-        now = self.router.loop.time()
-        self.cstats.upstream_header(now - self.started)
+        self.cstats.upstream_header(router.loop.time() - self.started)
         self.status = status
         keep = (
             self.keep_alive
             and self.request_done
             and not self.upgrade
             and not client.closing
-            and not self.router.closing
+            and not router.closing
         )
         head, self.framing, self.keep = build_response_head(
             status,
             conn.reason,
             conn.headers,
-            bodiless=self.is_head or status in _BODILESS,
-            keep_alive=keep,
-            client_http10=self.http10,
-            via=self.router.via,
+            self.is_head or status in _BODILESS,
+            keep,
+            self.http10,
+            router.via,
         )
         self.response_started = True
         client.send(head)
@@ -420,6 +418,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "paused",
         "peer_ip",
+        "peer_ip_b",
         "queue",
         "reading",
         "refusal",
@@ -439,6 +438,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer_ip = ""
+        self.peer_ip_b = b""
         self.trusted = False
         self.url = b""
         self.headers: Headers = []
@@ -467,6 +467,7 @@ class ClientConnection(asyncio.Protocol):
         router = self.router
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "unknown"
+        self.peer_ip_b = self.peer_ip.encode()
         self.trusted = router.is_trusted(self.peer_ip)
         router.connections.add(self)
         if len(router.connections) > router.max_connections:
@@ -545,20 +546,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         router = self.router
-        self.deadline.disarm()
+        self.deadline.when = 0.0  # disarm: the head is in
         parser = self.parser
         method = parser.get_method()
         http_version = parser.get_http_version()
         req = build_request_head(
-            method,
-            self.url,
-            http_version,
-            self.headers,
-            client_ip=self.peer_ip,
-            trusted_peer=self.trusted,
-            scheme=b"http",
-            via=router.via,
-            upstream_host=b"upstream",
+            method, self.url, http_version, self.headers, self.peer_ip_b, self.trusted, router.via
         )
         limit = router.max_body_bytes
         if limit is not None and req.content_length > limit:
@@ -569,11 +562,11 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(
             self,
             req,
-            color=color,
-            is_head=method == b"HEAD",
-            http10=http_version == "1.0",
-            keep_alive=parser.should_keep_alive(),
-            started=router.loop.time(),
+            color,
+            method == b"HEAD",
+            http_version == "1.0",
+            parser.should_keep_alive(),
+            router.loop.time(),
         )
         ex.cstats.in_flight += 1
         router.active[color].add(ex)

@@ -1,0 +1,393 @@
+"""The /v1 admin API: read the switch state, flip and weight traffic, read the audit log.
+
+This is the product's main interface, so it is strict: every body is validated by the models in
+api_models, every answer (errors too) is JSON of a documented shape, and a refused call changes
+nothing. State changes go through the App's Controller, never the Switchboard directly.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from . import __version__
+from .api_models import (
+    ErrorView,
+    EventsView,
+    FlipRequest,
+    HealthView,
+    ReadyView,
+    StateView,
+    WeightsRequest,
+    error_lines,
+)
+from .state_store import StateFileError, rfc3339
+from .switching import COLORS, Color, SwitchError, SwitchResult, VersionConflict, Weights
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("bgproxy.api")
+
+ACTOR = web.RequestKey("bgproxy_actor", str)
+LOCAL_ACTOR = "local"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """A refusal, answered as ``{"error": ..., "detail": [...]}`` with ``status``."""
+
+    def __init__(
+        self, status: int, error: str, detail: list[str] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail or []
+        self.headers = headers or {}
+
+
+def _error_response(status: int, error: str, detail: list[str], headers: dict[str, str]) -> web.Response:
+    body = ErrorView(error=error, detail=detail).model_dump(mode="json")
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: whatever goes wrong (aiohttp's 404/405 included) is answered as an ErrorView."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error_response(exc.status, exc.error, exc.detail, exc.headers)
+    except web.HTTPException as exc:
+        detail = [f"{request.method} {request.path}"]
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            detail = [f"{request.method} {request.path}: allowed {', '.join(sorted(exc.allowed_methods))}"]
+        return _error_response(exc.status, (exc.reason or "error").lower(), detail, headers)
+    except Exception:
+        log.exception("admin API error on %s %s", request.method, request.path)
+        return _error_response(500, "internal error", [], {})
+
+
+def color_state(app: App, color: Color) -> dict[str, Any]:
+    """One color's entry in /v1/state: the one place to add per-color fields (and to ColorState)."""
+    return {
+        "weight": app.switchboard.weights.of(color),
+        "upstreams": [str(u) for u in app.config.pools.get(color).upstreams],
+        "in_flight": app.stats.colors[color].in_flight,
+    }
+
+
+def state_view(app: App) -> dict[str, Any]:
+    """The body of GET /v1/state, validated against StateView so it always matches the docs."""
+    board = app.switchboard
+    view = StateView.model_validate(
+        {
+            "weights": board.weights.as_dict(),
+            "active": board.weights.active,
+            "version": board.version,
+            "updated_at": rfc3339(board.updated_at),
+            "pools": {color: color_state(app, color) for color in COLORS},
+        }
+    )
+    return view.model_dump(mode="json")
+
+
+def _if_match(request: web.Request) -> int | None:
+    """``If-Match: 7`` or ``If-Match: "7"`` (the ETag we send): the version the client expects."""
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    if not (text.isascii() and text.isdigit()):
+        raise ApiError(
+            400, "invalid If-Match header", [f'If-Match: must be a version like 7 or "7" (got {raw!r})']
+        )
+    return int(text)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Python keeps the last of two equal keys; ``{"blue": 1, "blue": 90}`` is ambiguous, so refuse it."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+async def _read_body(request: web.Request, model: type[M], name: str, *, optional: bool) -> M:
+    """Validate the JSON body: 415 if not JSON, 400 if it doesn't parse, 422 naming each bad field."""
+    raw = await request.read()
+    if optional and not raw:
+        return model.model_validate({})
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        sent = request.headers.get("Content-Type", "none")
+        raise ApiError(
+            415, "unsupported media type", [f"Content-Type must be application/json (got {sent!r})"]
+        )
+    if not raw:
+        raise ApiError(400, "invalid JSON body", ["the body is empty: expected a JSON object"])
+    try:
+        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, "invalid JSON body", [f"line {exc.lineno} column {exc.colno}: {exc.msg}"]
+        ) from None
+    except ValueError as exc:  # undecodable bytes, duplicate keys, NaN
+        raise ApiError(400, "invalid JSON body", [str(exc)]) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid request body", error_lines(exc, name)) from None
+
+
+class _Api:
+    """The handlers, bound to one App."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._tokens = [(name, token.encode()) for name, token in app.config.admin.tokens.items()]
+        self._openapi = openapi_document()
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Bearer token check in constant time; records who is calling, for the audit log."""
+        if not self._tokens:
+            request[ACTOR] = LOCAL_ACTOR
+            return await handler(request)
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        presented = credentials.strip().encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
+        actor = None
+        for name, token in self._tokens:  # compare with every token, so timing says nothing
+            if hmac.compare_digest(presented, token) and actor is None:
+                actor = name
+        if actor is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                ["send Authorization: Bearer <token> with a token from admin.tokens"],
+                {"WWW-Authenticate": 'Bearer realm="bgproxy"'},
+            )
+        request[ACTOR] = actor
+        return await handler(request)
+
+    def _state_response(self) -> web.Response:
+        body = state_view(self.app)
+        return web.json_response(body, headers={"ETag": f'"{body["version"]}"'})
+
+    async def get_state(self, request: web.Request) -> web.Response:
+        return self._state_response()
+
+    async def _switch(self, change: Awaitable[SwitchResult]) -> web.Response:
+        """Run a change and answer with the state it left: no await in between, so no later change shows."""
+        try:
+            await change
+        except VersionConflict as exc:
+            raise ApiError(409, str(exc), ["nothing was changed; read /v1/state and retry"]) from None
+        except SwitchError as exc:
+            raise ApiError(409, str(exc)) from None
+        except StateFileError as exc:
+            log.error("could not persist a switch: %s", exc)
+            raise ApiError(500, "could not save the change; nothing was changed", [str(exc)]) from None
+        return self._state_response()
+
+    async def flip(self, request: web.Request) -> web.Response:
+        expected = _if_match(request)
+        body = await _read_body(request, FlipRequest, "flip", optional=True)
+        return await self._switch(
+            self.app.controller.flip(
+                body.to,
+                actor=request[ACTOR],
+                reason=body.reason,
+                expected_version=expected,
+                drain_timeout=body.drain_timeout,
+            )
+        )
+
+    async def put_weights(self, request: web.Request) -> web.Response:
+        expected = _if_match(request)
+        body = await _read_body(request, WeightsRequest, "weights", optional=False)
+        return await self._switch(
+            self.app.controller.set_weights(
+                Weights(blue=body.blue, green=body.green),
+                actor=request[ACTOR],
+                reason=body.reason,
+                expected_version=expected,
+                drain_timeout=body.drain_timeout,
+            )
+        )
+
+    async def get_events(self, request: web.Request) -> web.Response:
+        events = [
+            {
+                "version": e.version,
+                "time": rfc3339(e.at),
+                "from_weights": e.from_weights.as_dict(),
+                "to_weights": e.to_weights.as_dict(),
+                "actor": e.actor,
+                "reason": e.reason,
+            }
+            for e in self.app.switchboard.events()
+        ]
+        return web.json_response(EventsView.model_validate({"events": events}).model_dump(mode="json"))
+
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self._openapi)
+
+
+def build_v1_app(app: App) -> web.Application:
+    api = _Api(app)
+    v1 = web.Application(middlewares=[_json_errors, api.authenticate])
+    v1.router.add_get("/state", api.get_state)
+    v1.router.add_post("/flip", api.flip)
+    v1.router.add_put("/weights", api.put_weights)
+    v1.router.add_get("/events", api.get_events)
+    v1.router.add_get("/openapi.json", api.get_openapi)
+    return v1
+
+
+# ---------------------------------------------------------------------------------------------- OpenAPI
+
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    400: "Malformed JSON or If-Match header.",
+    401: "Tokens are configured and the request has no valid bearer token.",
+    409: "Stale If-Match version, or a flip without `to` while both colors have weight. Nothing changed.",
+    415: "The body is not application/json.",
+    422: "The body does not validate; one detail line per bad field.",
+    500: "The change could not be saved to the state file. Nothing changed.",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        *((m, "validation") for m in (FlipRequest, WeightsRequest)),
+        *((m, "serialization") for m in (StateView, EventsView, ErrorView, HealthView, ReadyView)),
+    ]
+    refs, top = models_json_schema(models, ref_template=_REF)
+    schema_of = {model: schema for (model, _mode), schema in refs.items()}
+
+    def content(model: type[BaseModel]) -> dict[str, Any]:
+        return {"application/json": {"schema": schema_of[model]}}
+
+    def ok(model: type[BaseModel]) -> dict[str, Any]:
+        return {"description": "OK", "content": content(model)}
+
+    def answers(success: dict[str, Any], *errors: int) -> dict[str, Any]:
+        result = {"200": success}
+        for status in (401, *errors):
+            result[str(status)] = {"description": _ERRORS[status], "content": content(ErrorView)}
+        return result
+
+    if_match = {
+        "name": "If-Match",
+        "in": "header",
+        "required": False,
+        "description": 'Apply only if the state is still at this version (7 or "7"); else 409.',
+        "schema": {"type": "string", "pattern": '^("[0-9]+"|[0-9]+)$'},
+    }
+    state_ok = {
+        **ok(StateView),
+        "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
+    }
+    change_errors = (400, 409, 415, 422, 500)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "bgproxy admin API",
+            "version": __version__,
+            "description": "Flip and weight traffic between the blue and the green pool. Every error "
+            "answer is an Error object; 404 and 405 answers too.",
+        },
+        "components": {
+            "schemas": top["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        # The empty requirement: no token is needed while admin.tokens is empty.
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/state": {
+                "get": {
+                    "operationId": "getState",
+                    "summary": "Weights, live color, version and pools.",
+                    "responses": answers(state_ok),
+                }
+            },
+            "/v1/flip": {
+                "post": {
+                    "operationId": "flip",
+                    "summary": "Send all traffic to one color (default: the one not live now).",
+                    "description": "Flipping to the color already live changes nothing and answers 200.",
+                    "parameters": [if_match],
+                    "requestBody": {"required": False, "content": content(FlipRequest)},
+                    "responses": answers(state_ok, *change_errors),
+                }
+            },
+            "/v1/weights": {
+                "put": {
+                    "operationId": "setWeights",
+                    "summary": "Split traffic by relative weights.",
+                    "parameters": [if_match],
+                    "requestBody": {"required": True, "content": content(WeightsRequest)},
+                    "responses": answers(state_ok, *change_errors),
+                }
+            },
+            "/v1/events": {
+                "get": {
+                    "operationId": "getEvents",
+                    "summary": "Audit log of applied changes.",
+                    "responses": answers(ok(EventsView)),
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "operationId": "getOpenapi",
+                    "summary": "This document.",
+                    "responses": answers(
+                        {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    ),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "The process is alive.",
+                    "security": [],
+                    "responses": {"200": ok(HealthView)},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Whether bgproxy takes traffic: 503 while starting or shutting down.",
+                    "security": [],
+                    "responses": {
+                        "200": ok(ReadyView),
+                        "503": {"description": "Not serving", "content": content(ReadyView)},
+                    },
+                }
+            },
+        },
+    }

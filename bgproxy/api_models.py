@@ -1,0 +1,181 @@
+"""Request and response bodies of the admin API, and how their validation errors read.
+
+The same models validate requests, shape responses and generate the OpenAPI document, so the
+documentation cannot drift from what the server does. Every model forbids unknown keys: a typo in a
+request is an error, and a response field nobody documented fails the OpenAPI tests.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from .config import parse_duration
+
+ColorName = Literal["blue", "green"]
+# Formatted by state_store.rfc3339, like the state file, so API and file always agree to the character.
+Timestamp = Annotated[
+    str, Field(json_schema_extra={"format": "date-time"}, examples=["2024-05-01T12:00:00.250000Z"])
+]
+
+Weight = Annotated[StrictInt, Field(ge=0, description="Relative share of new requests; integer >= 0.")]
+Reason = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$"),
+    Field(description="Free text recorded in the audit log, e.g. a deploy id."),
+]
+DrainTimeout = Annotated[
+    float,
+    PlainValidator(parse_duration, json_schema_input_type=float | str),
+    Field(description='Seconds (10) or a duration ("10s", "500ms", "2m") the old color may drain.'),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class FlipRequest(_Model):
+    """Body of POST /v1/flip; may be omitted entirely."""
+
+    to: ColorName | None = Field(
+        default=None, description="Color to send all traffic to; default: the one not live now."
+    )
+    drain_timeout: DrainTimeout | None = None
+    reason: Reason | None = None
+
+
+class WeightsRequest(_Model):
+    """Body of PUT /v1/weights: ratios, so 9/1 and 90/10 route alike but are reported as given."""
+
+    blue: Weight
+    green: Weight
+    drain_timeout: DrainTimeout | None = None
+    reason: Reason | None = None
+
+    @model_validator(mode="after")
+    def _someone_gets_traffic(self) -> Self:
+        if self.blue == 0 and self.green == 0:
+            raise ValueError("at least one color needs a weight > 0 (got blue=0, green=0)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+class WeightsView(_Model):
+    blue: int
+    green: int
+
+
+class ColorState(_Model):
+    """One color's entry in /v1/state (built by api.color_state)."""
+
+    weight: int
+    upstreams: list[str] = Field(description="Configured backends as host:port.")
+    in_flight: int = Field(description="Requests of this color being proxied right now.")
+
+
+class PoolsView(_Model):
+    blue: ColorState
+    green: ColorState
+
+
+class StateView(_Model):
+    """The switch state; its version grows by one with every applied change."""
+
+    weights: WeightsView
+    active: ColorName | None = Field(
+        description="The only color with weight > 0; null while both have weight."
+    )
+    version: int
+    updated_at: Timestamp
+    pools: PoolsView
+
+
+class EventView(_Model):
+    """One applied change in the audit log."""
+
+    version: int
+    time: Timestamp
+    from_weights: WeightsView
+    to_weights: WeightsView
+    actor: str = Field(description='Name of the admin token used, or "local" when no tokens are configured.')
+    reason: str | None
+
+
+class EventsView(_Model):
+    events: list[EventView] = Field(description="Oldest first; only the newest 1000 are kept, in memory.")
+
+
+class ErrorView(_Model):
+    """Every error answer: a summary, and one line per problem (for 422, one per bad field)."""
+
+    error: str
+    detail: list[str]
+
+
+class HealthView(_Model):
+    status: Literal["alive"]
+
+
+class ReadyView(_Model):
+    ready: bool
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+    "greater_than_equal": "must be >= {ge}",
+    "int_type": "must be an integer",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
+    "string_pattern_mismatch": "must not contain control characters",
+    "literal_error": "must be {expected}",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+}
+
+
+def _json_text(value: Any) -> str:
+    """The offending value as the client sent it (JSON, not Python repr), cut if long."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def error_lines(exc: ValidationError, body: str) -> list[str]:
+    """One line per error, like ``weights.blue: must be >= 0 (got -1)``."""
+    return [_line(error, body) for error in exc.errors(include_url=False)]
+
+
+def _line(error: ErrorDetails, body: str) -> str:
+    ctx = error.get("ctx", {})
+    if error["type"] == "value_error":
+        message = str(ctx["error"])
+    else:
+        template = _MESSAGES.get(error["type"])
+        message = template.format(**ctx) if template else error["msg"]
+    where = ".".join([body, *(str(part) for part in error["loc"])])
+    # Whole-body value errors already quote what they refer to.
+    if error["type"] == "missing" or (error["type"] == "value_error" and not error["loc"]):
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {_json_text(error['input'])})"

@@ -1,0 +1,133 @@
+"""The one way the switch state changes: serialized, persisted before it is answered, then announced.
+
+The admin API (and anything else that switches traffic) calls the Controller; it never touches the
+Switchboard's mutating methods itself, so there is exactly one lock and one version sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .state_store import PersistedState, StateStore
+from .switching import Color, Switchboard, SwitchResult, Weights
+
+log = logging.getLogger("bgproxy.control")
+
+Change = Callable[[Switchboard, float], SwitchResult]
+Observer = Callable[[SwitchResult], None]
+
+
+class Controller:
+    """Applies flips and weight changes: validate, persist, apply, then tell the observers.
+
+    A change is first tried on a scratch copy of the switchboard, so a refused change (SwitchError,
+    VersionConflict) or a failed write (StateFileError) leaves the live state, its version and its
+    audit log exactly as they were; only a change that is on disk reaches the data plane.
+    """
+
+    def __init__(
+        self,
+        switchboard: Switchboard,
+        store: StateStore,
+        *,
+        drain_timeout: float,
+    ) -> None:
+        self.switchboard = switchboard
+        self.store = store
+        self.observers: list[Observer] = []  # called after each applied change, in order
+        self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
+        self._lock = asyncio.Lock()
+
+    async def flip(
+        self,
+        to: Color | None = None,
+        *,
+        actor: str,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        drain_timeout: float | None = None,
+    ) -> SwitchResult:
+        """All traffic to ``to`` (or away from the live color); a flip to the live color changes nothing."""
+
+        def change(board: Switchboard, now: float) -> SwitchResult:
+            return board.flip(
+                to,
+                now=now,
+                actor=actor,
+                reason=reason,
+                expected_version=expected_version,
+                drain_timeout=drain_timeout,
+            )
+
+        return await self._run(change)
+
+    async def set_weights(
+        self,
+        weights: Weights,
+        *,
+        actor: str,
+        reason: str | None = None,
+        expected_version: int | None = None,
+        drain_timeout: float | None = None,
+    ) -> SwitchResult:
+        def change(board: Switchboard, now: float) -> SwitchResult:
+            return board.set_weights(
+                weights,
+                now=now,
+                actor=actor,
+                reason=reason,
+                expected_version=expected_version,
+                drain_timeout=drain_timeout,
+            )
+
+        return await self._run(change)
+
+    async def _run(self, change: Change) -> SwitchResult:
+        """Returns with no await after releasing the lock, so the caller can read the state its change made.
+
+        A caller cancelled during the write is like a crash after it: the file may hold the change.
+        """
+        async with self._lock:
+            board = self.switchboard
+            now = time.time()  # wall clock: it is shown as updated_at, and drains are timed on it too
+            scratch = Switchboard(
+                board.weights,
+                drain_timeout=self._drain_timeout,
+                version=board.version,
+                updated_at=board.updated_at,
+                max_events=0,
+            )
+            preview = change(scratch, now)  # raises before anything live is touched
+            if preview.event is None:
+                return preview
+            planned = PersistedState(preview.event.to_weights, preview.event.version, now)
+            # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
+            await asyncio.to_thread(self.store.save, planned)
+            # Same weights and version as the scratch copy, so the live apply cannot be refused.
+            result = change(board, now)
+            event = result.event
+            assert event is not None  # the preview changed, and the live board was in the same state
+            log.info(
+                "traffic switched to blue=%d green=%d (version %d, by %s)",
+                event.to_weights.blue,
+                event.to_weights.green,
+                event.version,
+                event.actor,
+                extra={
+                    "version": event.version,
+                    "from_weights": event.from_weights.as_dict(),
+                    "to_weights": event.to_weights.as_dict(),
+                    "actor": event.actor,
+                    "reason": event.reason,
+                },
+            )
+            for observer in self.observers:
+                try:
+                    observer(result)
+                except Exception:
+                    # The change is applied and on disk; one failing reaction must not hide it.
+                    log.exception("switch observer %r failed", observer)
+            return result

@@ -1,0 +1,149 @@
+"""The switch state on disk, so a restart (or a crash) comes back to the last answered change.
+
+The file is small JSON written atomically: a reader sees the old state or the new one, never a mix.
+It is read back strictly: a file that does not parse exactly is an error, because silently falling
+back to the config's weights could send production traffic to the wrong color.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .switching import SwitchError, Weights
+
+FORMAT = 1
+_KEYS = ("weights", "version", "updated_at", "format")
+
+
+class StateFileError(Exception):
+    """The state file cannot be read, parsed or written; the message names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"state file {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedState:
+    """What survives a restart: weights and version. Events and drains are deliberately not kept."""
+
+    weights: Weights
+    version: int
+    updated_at: float  # Unix time
+
+
+def rfc3339(ts: float) -> str:
+    """Unix time as RFC 3339 UTC with microseconds, the one timestamp format of file and API."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> float:
+    """Inverse of rfc3339; an offset is required, since a naive time would be read as local time."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("has no UTC offset")
+    return moment.timestamp()
+
+
+class StateStore:
+    """Reads and atomically replaces one state file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> PersistedState | None:
+        """The saved state, or None if there is no file yet (first start)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateFileError(self.path, f"cannot read it: {exc.strerror or exc}") from None
+        if not raw.strip():
+            raise StateFileError(self.path, "is empty")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StateFileError(self.path, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise StateFileError(self.path, f"not valid JSON: {exc}") from None
+        try:
+            return _decode(data)
+        except (SwitchError, ValueError) as exc:
+            raise StateFileError(self.path, str(exc)) from None
+
+    def save(self, state: PersistedState) -> None:
+        """Write a temp file, fsync, rename it over the old one, fsync the directory so the rename lasts."""
+        text = json.dumps(
+            {
+                "weights": state.weights.as_dict(),
+                "version": state.version,
+                "updated_at": rfc3339(state.updated_at),
+                "format": FORMAT,
+            },
+            indent=2,
+        )
+        directory = self.path.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StateFileError(self.path, f"cannot write it: {exc.strerror or exc}") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    """Python's json accepts NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _decode(data: Any) -> PersistedState:
+    if not isinstance(data, dict):
+        raise ValueError(f"top level must be a JSON object, got {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise ValueError(
+            f"format must be {FORMAT} (got {data.get('format')!r}); it may be from another version"
+        )
+    for key in data:
+        if key not in _KEYS:
+            raise ValueError(f"unknown key {key!r}")
+    for key in _KEYS:
+        if key not in data:
+            raise ValueError(f"missing key {key!r}")
+    weights = Weights.from_mapping(data["weights"])
+    version = data["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"version must be an integer >= 0, got {version!r}")
+    stamp = data["updated_at"]
+    try:
+        if not isinstance(stamp, str):
+            raise ValueError("not a string")
+        updated_at = parse_rfc3339(stamp)
+    except ValueError:
+        raise ValueError(
+            f"updated_at must be an RFC 3339 time like 2024-05-01T12:00:00Z, got {stamp!r}"
+        ) from None
+    return PersistedState(weights=weights, version=version, updated_at=updated_at)

@@ -1,0 +1,127 @@
+"""The OpenAPI document is true: every documented answer is produced and matches its schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import MakeProxy, RunningProxy
+from jsonschema import Draft202012Validator
+
+TOKEN = "openapi-test-token-0123456789"
+JSON = {"Content-Type": "application/json"}
+
+
+class Checker:
+    """Calls the admin listener and validates each answer against the schema documented for it."""
+
+    def __init__(self, http: aiohttp.ClientSession, proxy: RunningProxy, doc: dict[str, Any]) -> None:
+        self.http = http
+        self.proxy = proxy
+        self.doc = doc
+        self.seen: set[tuple[str, str, str]] = set()
+
+    def validate(self, schema: dict[str, Any], body: Any) -> None:
+        # The document is the root, so "#/components/schemas/..." references resolve inside it.
+        Draft202012Validator({**schema, "components": self.doc["components"]}).validate(body)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        expect: int,
+        body: Any = None,
+        *,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        token: str | None = TOKEN,
+    ) -> Any:
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        url = self.proxy.admin_url + path
+        async with self.http.request(method, url, data=data, headers=hdrs) as resp:
+            assert resp.status == expect, await resp.text()
+            assert resp.content_type == "application/json"
+            answer = await resp.json()
+        operation = self.doc["paths"][path][method.lower()]
+        documented = operation["responses"][str(expect)]
+        self.validate(documented["content"]["application/json"]["schema"], answer)
+        self.seen.add((path, method.lower(), str(expect)))
+        return answer
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_every_documented_answer_is_produced_and_matches_its_schema(
+    make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    proxy = await make_proxy(
+        admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}}, state_file=str(state_dir / "state.json")
+    )
+    async with http.get(
+        f"{proxy.admin_url}/v1/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as r:
+        doc = await r.json()
+    assert doc["openapi"] == "3.1.0"
+    for schema in doc["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    c = Checker(http, proxy, doc)
+
+    await c.call("GET", "/v1/openapi.json", 200)
+    await c.call("GET", "/healthz", 200, token=None)
+    await c.call("GET", "/readyz", 200, token=None)
+    await c.call("GET", "/v1/state", 200)
+    await c.call("POST", "/v1/flip", 200)
+    await c.call("POST", "/v1/flip", 200, {"to": "blue", "reason": "back", "drain_timeout": "1s"})
+    await c.call("PUT", "/v1/weights", 200, {"blue": 9, "green": 1, "drain_timeout": 2})
+    events = await c.call("GET", "/v1/events", 200)
+    assert [e["reason"] for e in events["events"]] == [None, "back", None]
+
+    for path, method in [(p, m) for p, ops in doc["paths"].items() for m in ops if p.startswith("/v1/")]:
+        await c.call(method.upper(), path, 401, token=None)
+    for method, path, change in [
+        ("POST", "/v1/flip", {"to": "green"}),
+        ("PUT", "/v1/weights", {"blue": 1, "green": 1}),
+    ]:
+        await c.call(method, path, 400, data=b"{", headers=JSON)
+        await c.call(method, path, 409, change, headers={"If-Match": "99"})
+        await c.call(method, path, 415, data=b"x", headers={"Content-Type": "text/plain"})
+        await c.call(method, path, 422, {"blue": -1})
+
+    # Errors outside any documented operation still have the documented error shape.
+    error_schema = {"$ref": "#/components/schemas/ErrorView"}
+    for method, path, status in [("GET", "/v1/nope", 404), ("PATCH", "/v1/state", 405)]:
+        async with http.request(
+            method, proxy.admin_url + path, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as r:
+            assert r.status == status
+            c.validate(error_schema, await r.json())
+
+    # The state file becomes unwritable: a directory path that is a file fails even as root.
+    (state_dir / "state.json").unlink()
+    state_dir.rmdir()
+    state_dir.write_text("")
+    await c.call("POST", "/v1/flip", 500, {"to": "green"})
+    await c.call("PUT", "/v1/weights", 500, {"blue": 1, "green": 1})
+
+    proxy.app.shutting_down = True  # what stop() sets first; /readyz must say so
+    await c.call("GET", "/readyz", 503, token=None)
+
+    documented = {
+        (p, m, s) for p, ops in doc["paths"].items() for m, op in ops.items() for s in op["responses"]
+    }
+    assert c.seen == documented
