@@ -20,15 +20,18 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from . import __version__
 from .api_models import (
+    DrainWaitView,
     ErrorView,
     EventsView,
     FlipRequest,
     HealthView,
+    PoolsHealthView,
     ReadyView,
     StateView,
     WeightsRequest,
     error_lines,
 )
+from .config import parse_duration
 from .state_store import StateFileError, rfc3339
 from .switching import COLORS, Color, SwitchError, SwitchResult, VersionConflict, Weights
 
@@ -81,11 +84,41 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 def color_state(app: App, color: Color) -> dict[str, Any]:
     """One color's entry in /v1/state: the one place to add per-color fields (and to ColorState)."""
+    stats = app.stats.colors[color]
+    drain = app.switchboard.drain_of(color)
+    active = app.router.active[color] if app.router is not None else ()
     return {
         "weight": app.switchboard.weights.of(color),
         "upstreams": [str(u) for u in app.config.pools.get(color).upstreams],
-        "in_flight": app.stats.colors[color].in_flight,
+        "in_flight": stats.in_flight,
+        "streams": sum(1 for ex in active if ex.is_stream),
+        "draining": drain is not None,
+        "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,
+        "drained": {"ended": stats.streams_ended, "deadline": stats.streams_deadline},
+        "upstream_health": upstream_health(app, color),
     }
+
+
+def upstream_health(app: App, color: Color) -> list[dict[str, Any]]:
+    """Each upstream of a color as /v1/pools shows it."""
+    if app.router is None:
+        return []
+    out = []
+    for up in app.router.pools[color].upstreams:
+        check = up.last_check
+        last = {"at": rfc3339(check[0]), "ok": check[1], "detail": check[2]} if check else None
+        out.append(
+            {
+                "upstream": up.addr,
+                "state": "ejected" if up.ejected_until else ("healthy" if up.healthy else "unhealthy"),
+                "ejected_until": rfc3339(up.ejected_until) if up.ejected_until else None,
+                "consecutive_failures": up.failures,
+                "ejections": up.ejections,
+                "in_flight": up.outstanding,
+                "last_check": last,
+            }
+        )
+    return out
 
 
 def state_view(app: App) -> dict[str, Any]:
@@ -219,6 +252,7 @@ class _Api:
                 reason=body.reason,
                 expected_version=expected,
                 drain_timeout=body.drain_timeout,
+                force=body.force,
             )
         )
 
@@ -232,8 +266,33 @@ class _Api:
                 reason=body.reason,
                 expected_version=expected,
                 drain_timeout=body.drain_timeout,
+                force=body.force,
             )
         )
+
+    async def get_pools(self, request: web.Request) -> web.Response:
+        view = PoolsHealthView.model_validate({c: upstream_health(self.app, c) for c in COLORS})
+        return web.json_response(view.model_dump(mode="json"))
+
+    async def drain_wait(self, request: web.Request) -> web.Response:
+        """Returns once a color has no open exchange: a pipeline waits here before stopping old servers."""
+        query = request.query
+        problems = []
+        color = query.get("color")
+        if color not in COLORS:
+            problems.append(f"color: must be blue or green (got {color!r})")
+        try:
+            within = parse_duration(query.get("timeout", "60"))
+        except ValueError as exc:
+            problems.append(f"timeout: {exc} (got {query.get('timeout')!r})")
+        if problems:
+            raise ApiError(422, "invalid query", problems)
+        drainer = self.app.drainer
+        assert drainer is not None and color is not None
+        if not await drainer.wait_idle(color, within):
+            left = len(self.app.router.active[color]) if self.app.router is not None else 0
+            raise ApiError(408, f"{color} still has {left} open exchanges after {within:g}s")
+        return web.json_response(DrainWaitView(color=color, idle=True).model_dump(mode="json"))  # type: ignore[arg-type]
 
     async def get_events(self, request: web.Request) -> web.Response:
         events = [
@@ -260,6 +319,8 @@ def build_v1_app(app: App) -> web.Application:
     v1.router.add_post("/flip", api.flip)
     v1.router.add_put("/weights", api.put_weights)
     v1.router.add_get("/events", api.get_events)
+    v1.router.add_get("/pools", api.get_pools)
+    v1.router.add_post("/drain/wait", api.drain_wait)
     v1.router.add_get("/openapi.json", api.get_openapi)
     return v1
 
@@ -270,7 +331,9 @@ _REF = "#/components/schemas/{model}"
 _ERRORS = {
     400: "Malformed JSON or If-Match header.",
     401: "Tokens are configured and the request has no valid bearer token.",
-    409: "Stale If-Match version, or a flip without `to` while both colors have weight. Nothing changed.",
+    408: "The color still had open exchanges when the timeout passed.",
+    409: "Stale If-Match version, a flip without `to` while both colors have weight, or weight for a "
+    "color with no healthy upstream (without force). Nothing changed.",
     415: "The body is not application/json.",
     422: "The body does not validate; one detail line per bad field.",
     500: "The change could not be saved to the state file. Nothing changed.",
@@ -281,7 +344,10 @@ def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         *((m, "validation") for m in (FlipRequest, WeightsRequest)),
-        *((m, "serialization") for m in (StateView, EventsView, ErrorView, HealthView, ReadyView)),
+        *(
+            (m, "serialization")
+            for m in (StateView, EventsView, ErrorView, HealthView, ReadyView, PoolsHealthView, DrainWaitView)
+        ),
     ]
     refs, top = models_json_schema(models, ref_template=_REF)
     schema_of = {model: schema for (model, _mode), schema in refs.items()}
@@ -356,6 +422,30 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getEvents",
                     "summary": "Audit log of applied changes.",
                     "responses": answers(ok(EventsView)),
+                }
+            },
+            "/v1/pools": {
+                "get": {
+                    "operationId": "getPools",
+                    "summary": "Each upstream's health: state, ejection, last check.",
+                    "responses": answers(ok(PoolsHealthView)),
+                }
+            },
+            "/v1/drain/wait": {
+                "post": {
+                    "operationId": "drainWait",
+                    "summary": "Wait until a color has no open exchange (e.g. before stopping its servers).",
+                    "parameters": [
+                        {"name": "color", "in": "query", "required": True, "schema": {"enum": list(COLORS)}},
+                        {
+                            "name": "timeout",
+                            "in": "query",
+                            "required": False,
+                            "description": "Seconds or a duration like 30s, 2m (default 60).",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": answers(ok(DrainWaitView), 408, 422),
                 }
             },
             "/v1/openapi.json": {

@@ -58,6 +58,7 @@ class FlipRequest(_Model):
     )
     drain_timeout: DrainTimeout | None = None
     reason: Reason | None = None
+    force: bool = Field(default=False, description="Apply even if the target color has no healthy upstream.")
 
 
 class WeightsRequest(_Model):
@@ -67,6 +68,9 @@ class WeightsRequest(_Model):
     green: Weight
     drain_timeout: DrainTimeout | None = None
     reason: Reason | None = None
+    force: bool = Field(
+        default=False, description="Apply even if a color given weight has no healthy upstream."
+    )
 
     @model_validator(mode="after")
     def _someone_gets_traffic(self) -> Self:
@@ -89,6 +93,46 @@ class ColorState(_Model):
     weight: int
     upstreams: list[str] = Field(description="Configured backends as host:port.")
     in_flight: int = Field(description="Requests of this color being proxied right now.")
+    streams: int = Field(description="Open long-lived exchanges: upgraded, or streaming without a length.")
+    draining: bool = Field(description="Lost its weight; in-flight exchanges are finishing.")
+    drain_deadline: Timestamp | None = Field(description="When what is left of the drain is closed.")
+    drained: DrainedCounts
+    upstream_health: list[UpstreamView]
+
+
+class DrainedCounts(_Model):
+    """Exchanges of this color that ended while it drained (or during shutdown)."""
+
+    ended: int = Field(description="Ended by themselves.")
+    deadline: int = Field(description="Closed by bgproxy at a drain or shutdown deadline.")
+
+
+class CheckView(_Model):
+    at: Timestamp
+    ok: bool
+    detail: str
+
+
+class UpstreamView(_Model):
+    """One upstream's health: active checks and passive ejection."""
+
+    upstream: str
+    state: Literal["healthy", "unhealthy", "ejected"]
+    ejected_until: Timestamp | None
+    consecutive_failures: int = Field(description="Connect failures / 5xx answers in a row (passive).")
+    ejections: int
+    in_flight: int
+    last_check: CheckView | None = Field(description="Last active check; null without health_check.")
+
+
+class PoolsHealthView(_Model):
+    blue: list[UpstreamView]
+    green: list[UpstreamView]
+
+
+class DrainWaitView(_Model):
+    color: ColorName
+    idle: Literal[True] = Field(description="The color has no open exchange left.")
 
 
 class PoolsView(_Model):

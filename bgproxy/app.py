@@ -13,11 +13,12 @@ from aiohttp import web
 from .admin import build_admin_app
 from .config import Config, ConfigError
 from .control import Controller
+from .drain import Drainer
 from .proxy import ClientConnection
 from .router import Router
 from .state_store import PersistedState, StateStore
 from .stats import Stats
-from .switching import Switchboard, SwitchResult, Weights
+from .switching import COLORS, Switchboard, SwitchError, SwitchResult, Weights
 
 log = logging.getLogger("bgproxy")
 
@@ -37,9 +38,11 @@ class App:
         self.state_store = StateStore(config.state_file)
         self._reset_state = reset_state
         self.controller = Controller(self.switchboard, self.state_store, drain_timeout=config.drain_timeout)
-        self.controller.observers.append(self._close_idle_of_drained)
+        self.controller.observers.append(self._on_switch)
+        self.controller.guard = self._refuse_dead_colors
         self.stats = Stats(config.metrics.latency_buckets)
         self.router: Router | None = None
+        self.drainer: Drainer | None = None
         self._server: asyncio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -56,8 +59,13 @@ class App:
         """Whether to take traffic, and why not (for /readyz)."""
         if self.shutting_down:
             return False, "shutting down"
-        if self.router is None:
+        router = self.router
+        if router is None:
             return False, "starting"
+        weights = self.switchboard.weights
+        live = [color for color in router.pools if weights.of(color)]  # type: ignore[arg-type]
+        if not any(up.available for color in live for up in router.pools[color].upstreams):
+            return False, f"no healthy upstream for live traffic ({', '.join(live)})"
         return True, "serving"
 
     @property
@@ -83,16 +91,31 @@ class App:
         # Written now, so an unwritable state file stops the start instead of failing the first flip.
         self.state_store.save(PersistedState(board.weights, board.version, board.updated_at))
 
-    def _close_idle_of_drained(self, result: SwitchResult) -> None:
-        """A color that lost its weight gets no new requests: its pooled idle connections are useless."""
-        if self.router is not None:
-            for drain in result.started_draining:
-                self.router.close_idle(drain.color)
+    def _refuse_dead_colors(self, before: Weights, after: Weights) -> None:
+        """Controller guard: no weight goes to a color that has no healthy upstream to take it."""
+        if self.router is None:
+            return
+        for color in COLORS:
+            if after.of(color) > before.of(color):
+                ups = self.router.pools[color].upstreams
+                if not any(up.available for up in ups):
+                    down = ", ".join(up.addr for up in ups) or "none configured"
+                    raise SwitchError(
+                        f"{color} has no healthy upstream (down: {down}); nothing changed. "
+                        'Send "force": true to apply anyway.'
+                    )
+
+    def _on_switch(self, result: SwitchResult) -> None:
+        """Controller observer: start or cancel drains for colors that lost or regained weight."""
+        if self.drainer is not None:
+            self.drainer.on_switch(result)
 
     async def start(self) -> None:
         self._restore_state()
         loop = asyncio.get_running_loop()
         router = self.router = Router(self.config, self.switchboard, self.stats)
+        self.drainer = Drainer(router, self.switchboard)
+        router.health.start()
         listen = self.config.listen
         self._server = await loop.create_server(
             lambda: ClientConnection(router), listen.host, listen.port, reuse_address=True, backlog=4096
@@ -118,6 +141,19 @@ class App:
             if self.router is not None:
                 self.router.expire_idle()
 
+    async def shutdown(self) -> None:
+        """Graceful stop: unready at once, accept nothing new, let exchanges finish, then stop.
+
+        Streams still open at `shutdown_timeout` are closed the way a drain closes them.
+        """
+        self.shutting_down = True
+        log.info("shutting down", extra={"within": self.config.shutdown_timeout})
+        if self._server is not None:
+            self._server.close()
+        if self.drainer is not None:
+            await self.drainer.shutdown(self.config.shutdown_timeout)
+        await self.stop()
+
     async def stop(self) -> None:
         self.shutting_down = True
         if self._admin_runner is not None:
@@ -129,6 +165,7 @@ class App:
         if self._server is not None:
             self._server.close()
         if self.router is not None:
+            await self.router.health.stop()
             for conn in list(self.router.connections):
                 conn.abort()
             for pool in self.router.pools.values():

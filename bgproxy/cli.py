@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -65,12 +66,21 @@ async def _serve(config: Config, *, demo: bool, reset_state: bool) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _second_signal_exits, stop)
         await stop.wait()
+        await app.shutdown()
     finally:
         await app.stop()
         if upstreams is not None:
             await upstreams.close()
+
+
+def _second_signal_exits(stop: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT starts a graceful shutdown; a second one means now."""
+    if stop.is_set():
+        logging.getLogger("bgproxy").warning("second signal: exiting at once")
+        os._exit(1)
+    stop.set()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

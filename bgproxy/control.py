@@ -18,6 +18,8 @@ log = logging.getLogger("bgproxy.control")
 
 Change = Callable[[Switchboard, float], SwitchResult]
 Observer = Callable[[SwitchResult], None]
+# Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
+Guard = Callable[[Weights, Weights], None]
 
 
 class Controller:
@@ -38,6 +40,7 @@ class Controller:
         self.switchboard = switchboard
         self.store = store
         self.observers: list[Observer] = []  # called after each applied change, in order
+        self.guard: Guard | None = None
         self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
         self._lock = asyncio.Lock()
 
@@ -49,6 +52,7 @@ class Controller:
         reason: str | None = None,
         expected_version: int | None = None,
         drain_timeout: float | None = None,
+        force: bool = False,
     ) -> SwitchResult:
         """All traffic to ``to`` (or away from the live color); a flip to the live color changes nothing."""
 
@@ -62,7 +66,7 @@ class Controller:
                 drain_timeout=drain_timeout,
             )
 
-        return await self._run(change)
+        return await self._run(change, force)
 
     async def set_weights(
         self,
@@ -72,6 +76,7 @@ class Controller:
         reason: str | None = None,
         expected_version: int | None = None,
         drain_timeout: float | None = None,
+        force: bool = False,
     ) -> SwitchResult:
         def change(board: Switchboard, now: float) -> SwitchResult:
             return board.set_weights(
@@ -83,9 +88,9 @@ class Controller:
                 drain_timeout=drain_timeout,
             )
 
-        return await self._run(change)
+        return await self._run(change, force)
 
-    async def _run(self, change: Change) -> SwitchResult:
+    async def _run(self, change: Change, force: bool) -> SwitchResult:
         """Returns with no await after releasing the lock, so the caller can read the state its change made.
 
         A caller cancelled during the write is like a crash after it: the file may hold the change.
@@ -103,6 +108,8 @@ class Controller:
             preview = change(scratch, now)  # raises before anything live is touched
             if preview.event is None:
                 return preview
+            if self.guard is not None and not force:
+                self.guard(preview.event.from_weights, preview.event.to_weights)
             planned = PersistedState(preview.event.to_weights, preview.event.version, now)
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, planned)

@@ -95,6 +95,27 @@ def admin(http: aiohttp.ClientSession, proxy: RunningProxy) -> Admin:
     return Admin(http, proxy)
 
 
+def idle(addr: str) -> dict[str, Any]:
+    """The drain and health fields of a color that has never drained and has no health checks."""
+    return {
+        "streams": 0,
+        "draining": False,
+        "drain_deadline": None,
+        "drained": {"ended": 0, "deadline": 0},
+        "upstream_health": [
+            {
+                "upstream": addr,
+                "state": "healthy",
+                "ejected_until": None,
+                "consecutive_failures": 0,
+                "ejections": 0,
+                "in_flight": 0,
+                "last_check": None,
+            }
+        ],
+    }
+
+
 def file_state(proxy: RunningProxy) -> dict[str, Any]:
     return dict(json.loads(proxy.app.config.state_file.read_text()))
 
@@ -113,8 +134,8 @@ async def test_state_reports_weights_version_and_pools(admin: Admin, origins: tu
         "version": 0,
         "updated_at": state["updated_at"],
         "pools": {
-            "blue": {"weight": 100, "upstreams": [b.addr], "in_flight": 0},
-            "green": {"weight": 0, "upstreams": [g.addr], "in_flight": 0},
+            "blue": {"weight": 100, "upstreams": [b.addr], "in_flight": 0, **idle(b.addr)},
+            "green": {"weight": 0, "upstreams": [g.addr], "in_flight": 0, **idle(g.addr)},
         },
     }
     assert state["updated_at"].endswith("Z")
@@ -332,8 +353,13 @@ ENDPOINTS = [
 
 
 @pytest.fixture
-async def guarded(make_proxy: MakeProxy) -> RunningProxy:
-    return await make_proxy(admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN_OPS, "ci": TOKEN_CI}})
+async def guarded(make_proxy: MakeProxy, origins: tuple[Origin, Origin]) -> RunningProxy:
+    b, g = origins
+    return await make_proxy(
+        blue=[b.addr],
+        green=[g.addr],
+        admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN_OPS, "ci": TOKEN_CI}},
+    )
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)

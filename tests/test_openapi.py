@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 from conftest import MakeProxy, RunningProxy
 from jsonschema import Draft202012Validator
+from upstreams import origin
 
 TOKEN = "openapi-test-token-0123456789"
 JSON = {"Content-Type": "application/json"}
@@ -51,10 +53,11 @@ class Checker:
             assert resp.status == expect, await resp.text()
             assert resp.content_type == "application/json"
             answer = await resp.json()
-        operation = self.doc["paths"][path][method.lower()]
+        route = path.partition("?")[0]  # the query is a parameter, not part of the documented path
+        operation = self.doc["paths"][route][method.lower()]
         documented = operation["responses"][str(expect)]
         self.validate(documented["content"]["application/json"]["schema"], answer)
-        self.seen.add((path, method.lower(), str(expect)))
+        self.seen.add((route, method.lower(), str(expect)))
         return answer
 
 
@@ -69,8 +72,18 @@ async def test_every_documented_answer_is_produced_and_matches_its_schema(
 ) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
+    async with origin("blue") as blue, origin("green") as green:
+        await _check_every_answer(make_proxy, http, state_dir, blue.addr, green.addr)
+
+
+async def _check_every_answer(
+    make_proxy: MakeProxy, http: aiohttp.ClientSession, state_dir: Path, blue: str, green: str
+) -> None:
     proxy = await make_proxy(
-        admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}}, state_file=str(state_dir / "state.json")
+        blue=[blue],
+        green=[green],
+        admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}},
+        state_file=str(state_dir / "state.json"),
     )
     async with http.get(
         f"{proxy.admin_url}/v1/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
@@ -90,6 +103,15 @@ async def test_every_documented_answer_is_produced_and_matches_its_schema(
     await c.call("PUT", "/v1/weights", 200, {"blue": 9, "green": 1, "drain_timeout": 2})
     events = await c.call("GET", "/v1/events", 200)
     assert [e["reason"] for e in events["events"]] == [None, "back", None]
+    pools = await c.call("GET", "/v1/pools", 200)
+    assert [u["upstream"] for u in pools["blue"]] == [blue]
+    await c.call("POST", "/v1/drain/wait?color=green&timeout=1", 200)
+    await c.call("POST", "/v1/drain/wait?color=red", 422)
+    async with aiohttp.ClientSession() as traffic:
+        slow = asyncio.ensure_future(traffic.get(proxy.url + "/slow?delay=1"))
+        await asyncio.sleep(0.2)
+        await c.call("POST", "/v1/drain/wait?color=blue&timeout=0.1", 408)
+        (await slow).release()
 
     for path, method in [(p, m) for p, ops in doc["paths"].items() for m in ops if p.startswith("/v1/")]:
         await c.call(method.upper(), path, 401, token=None)
