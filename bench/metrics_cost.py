@@ -20,7 +20,9 @@ from pathlib import Path
 
 from bench.harness import (
     HELLO,
+    READY_TIMEOUT_S,
     REPO_ROOT,
+    Bgproxy,
     ServiceError,
     Services,
     WrkResult,
@@ -34,6 +36,7 @@ from bench.harness import (
     start_bgproxy,
     start_upstream,
     wait_serving,
+    wait_until,
 )
 from bgproxy.config import MetricsConfig
 from bgproxy.stats import Stats
@@ -61,15 +64,15 @@ def counting_ns(calls: int = 200_000) -> dict[str, float]:
     return out
 
 
-def check_variant(admin_url: str, enabled: bool) -> None:
+def check_variant(proxy: Bgproxy, enabled: bool) -> None:
     """Refuse to compare two identical proxies: the 'off' one must really not count requests."""
-    status, body = http_get(f"{admin_url}/metrics")
-    if status != 200:
-        raise ServiceError(f"{admin_url}/metrics answered {status}")
-    counts = b"bgproxy_requests_total" in body
+    url = f"{proxy.admin_url}/metrics"
+    # The admin listener starts just after the proxy port that start_bgproxy may have waited for.
+    wait_until(lambda: http_get(url)[0] == 200, proxy.service, url, READY_TIMEOUT_S)
+    counts = b"bgproxy_requests_total" in http_get(url)[1]
     if counts != enabled:
         raise ServiceError(
-            f"{admin_url}: metrics.enabled={enabled} but requests are {'' if counts else 'not '}counted"
+            f"{url}: metrics.enabled={enabled} but requests are {'' if counts else 'not '}counted"
         )
 
 
@@ -151,10 +154,16 @@ def render(rows: list[dict[str, object]], micro: dict[str, float]) -> str:
             )
     headers = ["variant", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread", "on vs off", "paired"]
     text = format_table(headers, table)
+    extra_ns = micro["metrics-on"] - micro["metrics-off"]
     text += (
         f"\ncounting per request: {micro['metrics-on']:.0f} ns on, {micro['metrics-off']:.0f} ns off"
         f" (in_flight, upstream_header, response)"
     )
+    for row in rows:
+        median = row["median"]
+        assert isinstance(median, dict)
+        share = extra_ns * median["metrics-off"]["requests_per_sec"] / 1e9 * 100.0
+        text += f"\nc={row['connections']}: at the metrics-off rate, counting takes {share:.2f}% of one core"
     worst = max((abs(float(str(r["paired_on_vs_off_pct"]))) for r in rows), default=0.0)
     verdict = "within" if worst <= TARGET_PCT else "OUTSIDE"
     return text + f"\nlargest paired on/off difference {worst:.1f}%: {verdict} the {TARGET_PCT:.0f}% target"
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 address = [upstream.address]
                 proxy = start_bgproxy(services, workdir / name, address, address, metrics=enabled, name=name)
                 wait_serving(proxy.url, upstream.body, proxy.service)
-                check_variant(proxy.admin_url, enabled)
+                check_variant(proxy, enabled)
                 urls[name] = proxy.url
             rows = measure(urls, args)
         except (ServiceError, RuntimeError, ValueError) as err:

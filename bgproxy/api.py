@@ -32,6 +32,7 @@ from .api_models import (
     error_lines,
 )
 from .config import parse_duration
+from .metrics import error_window_state
 from .state_store import StateFileError, rfc3339
 from .switching import COLORS, Color, SwitchError, SwitchResult, VersionConflict, Weights
 
@@ -96,6 +97,7 @@ def color_state(app: App, color: Color) -> dict[str, Any]:
         "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,
         "drained": {"ended": stats.streams_ended, "deadline": stats.streams_deadline},
         "upstream_health": upstream_health(app, color),
+        "error_window": error_window_state(app, color),
     }
 
 

@@ -98,6 +98,16 @@ class ColorState(_Model):
     drain_deadline: Timestamp | None = Field(description="When what is left of the drain is closed.")
     drained: DrainedCounts
     upstream_health: list[UpstreamView]
+    error_window: ErrorWindowView
+
+
+class ErrorWindowView(_Model):
+    """Answers and errors (5xx, upstream failures) over the last window; null counts: metrics off."""
+
+    window_seconds: int
+    requests: int | None
+    errors: int | None
+    error_ratio: float | None = Field(description="errors / requests; 0.0 when there were none.")
 
 
 class DrainedCounts(_Model):

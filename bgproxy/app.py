@@ -40,7 +40,10 @@ class App:
         self.controller = Controller(self.switchboard, self.state_store, drain_timeout=config.drain_timeout)
         self.controller.observers.append(self._on_switch)
         self.controller.guard = self._refuse_dead_colors
-        self.stats = Stats(config.metrics.latency_buckets)
+        metrics = config.metrics
+        self.stats = Stats(
+            metrics.latency_buckets, enabled=metrics.enabled, error_window=metrics.error_window
+        )
         self.router: Router | None = None
         self.drainer: Drainer | None = None
         self._server: asyncio.Server | None = None

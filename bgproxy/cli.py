@@ -222,6 +222,8 @@ def _change_body(args: argparse.Namespace) -> dict[str, Any]:
         body["drain_timeout"] = args.drain_timeout
     if args.reason is not None:
         body["reason"] = args.reason
+    if args.force:
+        body["force"] = True
     return body
 
 
@@ -283,6 +285,9 @@ def _change_options() -> argparse.ArgumentParser:
     options.add_argument("--reason", metavar="TEXT", help="recorded in the audit log")
     options.add_argument(
         "--if-match", metavar="VERSION", type=int, help="apply only if the state is still at this version"
+    )
+    options.add_argument(
+        "--force", action="store_true", help="apply even if a color given weight has no healthy upstream"
     )
     return options
 

@@ -48,6 +48,7 @@ class Exchange:
 
     __slots__ = (
         "body_bytes",
+        "broken",
         "chunked",
         "client",
         "closed_at_deadline",
@@ -58,6 +59,7 @@ class Exchange:
         "done",
         "early",
         "expect_continue",
+        "failed_over",
         "framing",
         "got_response_bytes",
         "has_body",
@@ -116,7 +118,9 @@ class Exchange:
         self.response_started = False
         self.got_response_bytes = False
         self.reused = False
-        self.retried = False
+        self.retried = False  # replayed once after a reused connection died unanswered
+        self.failed_over = False  # moved once to another upstream after a failure before any answer
+        self.broken = False  # an upstream error ended this exchange (an error even if the status was 2xx)
         self.done = False
         self.closed_at_deadline = False
         self.tunnel: Tunnel | None = None
@@ -169,12 +173,12 @@ class Exchange:
         if self.done:
             return
         self._release_upstream()
-        if not self.retried:
+        if not self.failed_over:
             # Nothing was sent yet (the body waits in `pending` or in the client socket), so the
             # request is safe to try once on another upstream of the same color.
             other = self.router.pools[self.color].pick(exclude=up)
             if other is not None:
-                self.retried = True
+                self.failed_over = True
                 self._use(other)
                 return
         self.fail(status, f"{self.color} upstream {up.addr} {why}")
@@ -302,6 +306,7 @@ class Exchange:
         """The upstream broke the exchange: 502/504 if we can still say so, else cut the client."""
         up = conn.upstream
         self.cstats.upstream_error(up.addr, reason)
+        self.broken = True
         self._release_upstream()
         if self.response_started:
             self.client.abort()
@@ -320,14 +325,25 @@ class Exchange:
             else:
                 self.upstream_failed(conn, "reset_after_headers", "closed the connection mid-response")
             return
-        if self.reused and not self.got_response_bytes and not self.has_body and not self.retried:
-            # The classic keep-alive race: the upstream closed an idle connection just as we
-            # reused it. Nothing was answered and there is no body to replay, so try afresh.
-            self.retried = True
-            up = conn.upstream
-            self._release_upstream()
-            self._use(up)
-            return
+        up = conn.upstream
+        if not self.got_response_bytes and not self.has_body:
+            # Nothing was answered and there is no body to replay: safe to send the request again.
+            if self.reused and not self.retried:
+                # The classic keep-alive race: the upstream closed an idle connection just as we
+                # reused it. Try the same upstream on a fresh connection (a connect failure there
+                # still fails over to another upstream).
+                self.retried = True
+                self._release_upstream()
+                self._use(up)
+                return
+            other = None if self.failed_over else self.router.pools[self.color].pick(exclude=up)
+            if other is not None:
+                self.failed_over = True
+                self.cstats.upstream_error(up.addr, "reset_before_headers")
+                self.router.health.failed(up)
+                self._release_upstream()
+                self._use(other)
+                return
         self.upstream_failed(conn, "reset_before_headers", "closed the connection before answering")
 
     @staticmethod
@@ -399,7 +415,7 @@ class Exchange:
         if self.closed_at_deadline or self.color in router.draining:
             router.drain_progress(self)
         now = router.loop.time()
-        self.cstats.response(self.status, now - self.started, now)
+        self.cstats.response(self.status, now - self.started, now, self.broken)
         if router.access_log:
             log.info("%s %d %s", self.color, self.status, self.client.peer_ip)
         self.client.exchange_done(self)

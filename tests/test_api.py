@@ -113,6 +113,7 @@ def idle(addr: str) -> dict[str, Any]:
                 "last_check": None,
             }
         ],
+        "error_window": {"window_seconds": 60, "requests": 0, "errors": 0, "error_ratio": 0.0},
     }
 
 
