@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import uvloop
+import websockets
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # `from upstreams import ...` in every test module
@@ -40,6 +41,10 @@ class RunningProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def websocket(self, path: str = "/ws") -> websockets.asyncio.client.connect:
+        """A WebSocket client through the proxy (ignoring any proxy set in the environment)."""
+        return websockets.connect(f"ws://127.0.0.1:{self.port}{path}", proxy=None)
 
     @property
     def admin_url(self) -> str:

@@ -29,7 +29,7 @@ async def blue_green(make_proxy):  # type: ignore[no-untyped-def]
 async def test_websocket_drains_until_deadline_then_gets_1001(blue_green) -> None:
     proxy = blue_green
     loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession() as s, websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as old:
+    async with aiohttp.ClientSession() as s, proxy.websocket() as old:
         await old.send("whoami")
         assert await old.recv() == "blue"
         await admin(s, proxy, "POST", "/v1/flip", to="green", drain_timeout=1.0)
@@ -38,7 +38,7 @@ async def test_websocket_drains_until_deadline_then_gets_1001(blue_green) -> Non
         assert state["pools"]["blue"]["draining"] is True
         assert state["pools"]["blue"]["streams"] == 1
         assert state["pools"]["blue"]["drain_deadline"] is not None
-        async with websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as new:
+        async with proxy.websocket() as new:
             await new.send("whoami")
             assert await new.recv() == "green"
         echoes = 0
@@ -82,7 +82,7 @@ async def test_sse_keeps_flowing_until_deadline(blue_green) -> None:
 
 async def test_flip_back_within_window_cancels_the_drain(blue_green) -> None:
     proxy = blue_green
-    async with aiohttp.ClientSession() as s, websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as ws:
+    async with aiohttp.ClientSession() as s, proxy.websocket() as ws:
         await ws.send("whoami")
         assert await ws.recv() == "blue"
         await admin(s, proxy, "POST", "/v1/flip", to="green", drain_timeout=0.5)

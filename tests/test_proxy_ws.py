@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import websockets
 from rawclient import exchange
 from upstreams import origin
 from websockets.frames import CloseCode
@@ -16,7 +15,7 @@ from bgproxy.websocket import FrameTracker, close_frame
 async def test_websocket_echo_text_binary_ping_and_close_code(make_proxy) -> None:
     async with origin("blue") as blue, origin("green") as green:
         proxy = await make_proxy([blue.addr], [green.addr])
-        async with websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as ws:
+        async with proxy.websocket() as ws:
             await ws.send("whoami")
             assert await ws.recv() == "blue"
             await ws.send("hello")
@@ -34,7 +33,7 @@ async def test_websocket_echo_text_binary_ping_and_close_code(make_proxy) -> Non
 async def test_websocket_to_the_live_color(make_proxy) -> None:
     async with origin("blue") as blue, origin("green") as green:
         proxy = await make_proxy([blue.addr], [green.addr], weights=(0, 1))
-        async with websockets.connect(f"ws://127.0.0.1:{proxy.port}/ws") as ws:
+        async with proxy.websocket() as ws:
             await ws.send("whoami")
             assert await ws.recv() == "green"
             await ws.close(CloseCode.NORMAL_CLOSURE)
