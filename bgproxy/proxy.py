@@ -96,11 +96,7 @@ class Exchange:
         self.router = router
         self.color = color
         self.cstats: ColorStats = router.stats.colors[color]
-        self.head = req.head
-        self.chunked = req.chunked
-        self.has_body = req.has_body
-        self.expect_continue = req.expect_continue
-        self.upgrade = req.upgrade
+        self.head, self.chunked, self.has_body, _, self.expect_continue, self.upgrade = req
         self.is_head = is_head
         self.http10 = http10
         self.keep_alive = keep_alive
@@ -570,9 +566,10 @@ class ClientConnection(asyncio.Protocol):
             method, self.url, http_version, self.headers, self.peer_ip_b, self.trusted, router.via
         )
         limit = router.max_body_bytes
-        if limit is not None and req.content_length > limit:
-            raise Refusal(413, f"request body of {req.content_length} bytes is over the {limit} limit")
-        if req.upgrade and req.has_body:
+        length = req[3]
+        if limit is not None and length > limit:
+            raise Refusal(413, f"request body of {length} bytes is over the {limit} limit")
+        if req[5] and req[2]:  # an Upgrade with a body
             raise Refusal(400, "an Upgrade request cannot carry a body")
         color = router.switchboard.choose()
         ex = Exchange(

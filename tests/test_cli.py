@@ -223,6 +223,48 @@ def test_refusals_exit_1_with_the_servers_message(server: Server, capsys: pytest
     assert server.get("/v1/state")["version"] == 0
 
 
+def test_force_overrides_the_refusal_to_send_traffic_to_a_dead_color(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = Server(tmp_path)
+    config = yaml.safe_load(srv.config.read_text())
+    check = {"interval": 0.1, "timeout": 0.1, "unhealthy_threshold": 1}
+    config["pools"]["green"]["health_check"] = check  # its upstream has nothing listening
+    srv.config.write_text(yaml.safe_dump(config))
+    dead = config["pools"]["green"]["upstreams"][0]
+    admin = ("--admin", srv.url)
+    srv.start()
+    try:
+        deadline = time.monotonic() + 5
+        while srv.get("/v1/pools")["green"][0]["state"] != "unhealthy":
+            assert time.monotonic() < deadline, "green never turned unhealthy"
+            time.sleep(0.02)
+
+        refusal = (
+            f"bgproxy: refused (409): green has no healthy upstream (down: {dead}); nothing changed. "
+            'Send "force": true to apply anyway.\n'
+        )
+        assert run_cli(capsys, "flip", *admin) == (1, "", refusal)
+        assert run_cli(capsys, "weights", "blue=50", "green=50", *admin) == (1, "", refusal)
+        assert srv.get("/v1/state")["version"] == 0
+
+        status, out, _ = run_cli(capsys, "weights", "blue=50", "green=50", "--force", *admin)
+        assert (status, out.splitlines()[0].split()[:4]) == (0, ["active:", "split", "version:", "1"])
+        assert run_cli(capsys, "flip", "--to", "green", *admin) == (1, "", refusal)
+        status, out, _ = run_cli(
+            capsys, "flip", "--to", "green", "--force", "--reason", "hotfix", "--json", *admin
+        )
+        state = json.loads(out)
+        events = srv.get("/v1/events")["events"]
+    finally:
+        srv.stop()
+    assert (status, state["active"], state["version"]) == (0, "green", 2)
+    assert [(e["to_weights"], e["reason"]) for e in events] == [
+        ({"blue": 50, "green": 50}, None),
+        ({"blue": 0, "green": 100}, "hotfix"),
+    ]
+
+
 def test_token_from_flag_or_environment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
