@@ -584,6 +584,8 @@ class ClientConnection(asyncio.Protocol):
         ex.cstats.in_flight += 1
         router.active[color].add(ex)
         self.reading = ex
+        if ex.has_body:
+            self.deadline.arm(router.idle_timeout)  # the body must keep coming
         if self.current is None:
             self.current = self.to_start = ex
         else:
@@ -592,12 +594,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.reading is not None:
+            self.deadline.arm(self.router.idle_timeout)  # inactivity while the body arrives
             self.reading.request_body(body)
 
     def on_message_complete(self) -> None:
         ex = self.reading
         self.reading = None
         if ex is not None:
+            if ex.has_body:
+                self.deadline.disarm()
             ex.request_complete()
 
     # -- used by exchanges -----------------------------------------------------------------------
@@ -728,6 +733,9 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def _timed_out(self) -> None:
+        if self.reading is not None:  # the body stalled: free the upstream connection it holds
+            self._refuse(Refusal(408, f"request body stalled for {self.router.idle_timeout:g}s"))
+            return
         if self.idle or self.current is not None:
             self._close()  # idle keep-alive (or a fresh connection that never spoke): just close
             return

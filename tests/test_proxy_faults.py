@@ -194,3 +194,19 @@ async def test_max_connections_answers_503(make_proxy) -> None:
             await first.close()
     assert ok.status == 200
     assert refused.status == 503
+
+
+async def test_stalled_request_body_gets_408_and_frees_the_upstream(make_proxy) -> None:
+    """A client that announces a body and stops sending it does not hold an upstream forever."""
+    async with recording_server() as upstream:
+        proxy = await make_proxy([upstream.addr], timeouts={"idle": 0.3, "upstream_header": 5})
+        client = await RawClient.connect(proxy.port)
+        try:
+            await client.send(b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+            [resp] = await client.responses(timeout=3)
+            await client.wait_closed()
+        finally:
+            await client.close()
+        assert upstream.received.endswith(b"x" * 10)  # streamed as it came...
+    assert resp.status == 408  # ...and given up once the client went quiet
+    assert b"stalled" in resp.body
