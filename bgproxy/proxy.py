@@ -164,6 +164,7 @@ class Exchange:
         self._attach(conn)
 
     def _connect_failed(self, up: Upstream, status: int, reason: str, why: str) -> None:
+        self._log_error(up, reason, why)
         self.cstats.upstream_error(up.addr, reason)
         self.router.health.failed(up)
         if self.done:
@@ -301,6 +302,7 @@ class Exchange:
     def upstream_failed(self, conn: UpstreamConnection, reason: str, why: str) -> None:
         """The upstream broke the exchange: 502/504 if we can still say so, else cut the client."""
         up = conn.upstream
+        self._log_error(up, reason, why)
         self.cstats.upstream_error(up.addr, reason)
         self.broken = True
         self._release_upstream()
@@ -341,6 +343,11 @@ class Exchange:
                 self._use(other)
                 return
         self.upstream_failed(conn, "reset_before_headers", "closed the connection before answering")
+
+    def _log_error(self, up: Upstream, reason: str, why: str) -> None:
+        self.router.error_log.warning(
+            (up.addr, reason), "upstream error", color=self.color, upstream=up.addr, reason=reason, why=why
+        )
 
     @staticmethod
     def _close_delimited(conn: UpstreamConnection) -> bool:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .health import HealthMonitor
+from .logs import Throttled
 from .pool import ColorPool, Upstream
 from .stats import Stats
 from .switching import COLORS, Switchboard
@@ -54,6 +56,7 @@ class Router:
         # In-flight exchanges per color: what a drain waits for and, at its deadline, closes.
         self.active: dict[str, set[Exchange]] = {color: set() for color in COLORS}
         self.health = HealthMonitor(self)
+        self.error_log = Throttled(logging.getLogger("bgproxy.proxy"))
         self.closing = False  # shutting down: answer with Connection: close
         # Colors being drained (or all, in shutdown): their exchanges are counted as they end.
         self.draining: set[str] = set()

@@ -1,0 +1,36 @@
+"""Structured logging: JSON records carry their extra fields; recurring errors are throttled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from bgproxy.logs import JsonFormatter, Throttled
+
+
+def test_json_formatter_puts_extra_fields_at_top_level() -> None:
+    record = logging.LogRecord("bgproxy.proxy", logging.WARNING, __file__, 1, "upstream error", None, None)
+    record.color = "blue"
+    record.upstream = "127.0.0.1:9001"
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "upstream error" and entry["level"] == "warning"
+    assert entry["color"] == "blue" and entry["upstream"] == "127.0.0.1:9001"
+    assert entry["ts"].endswith("Z")
+
+
+def test_throttled_logs_once_per_interval_per_key_and_counts_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("bgproxy.test-throttle")
+    throttled = Throttled(logger, interval=0.2)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(5):
+            throttled.warning(("a", "connect_refused"), "upstream error", upstream="a")
+        throttled.warning(("b", "connect_refused"), "upstream error", upstream="b")  # its own key
+        time.sleep(0.25)
+        throttled.warning(("a", "connect_refused"), "upstream error", upstream="a")
+    got = [(r.upstream, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
+    assert got == [("a", 0), ("b", 0), ("a", 4)]
