@@ -15,23 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 
 from bench.harness import (
-    LOAD_CORE,
     ServiceError,
-    Services,
+    bench_session,
     format_table,
-    pinning_available,
-    sigterm_as_exit,
+    log,
+    pin_load_client,
+    run_async,
+    run_main,
     start_bgproxy,
     start_upstream,
     wait_serving,
@@ -40,10 +37,6 @@ from bench.harness import (
 BODIES = {"blue": b"blue\n", "green": b"green\n"}
 REQUEST_TIMEOUT_S = 5.0
 SLACK_S = 20.0  # the whole load phase is cancelled this long after its planned end
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -218,12 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with (
-        sigterm_as_exit(),
-        tempfile.TemporaryDirectory(prefix="bgproxy-flip-") as tmp,
-        Services(Path(tmp)) as services,
-    ):
-        workdir = Path(tmp)
+    with bench_session("bgproxy-flip-") as (workdir, services):
         try:
             blue = start_upstream(services, workdir, BODIES["blue"].decode(), name="blue")
             green = start_upstream(services, workdir, BODIES["green"].decode(), name="green")
@@ -233,26 +221,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"FAILED to start: {err}")
             return 1
         log(f"upstreams: {blue.kind} blue {blue.address}, green {green.address}; bgproxy {proxy.url}")
-        if pinning_available():
-            os.sched_setaffinity(0, {LOAD_CORE})  # the load client shares core 1 with the upstreams
-        else:
+        if not pin_load_client():
             log("warning: taskset or a second CPU is missing; running unpinned")
         log(f"load: {args.connections} connections for {args.seconds:g} s, {args.flips} flips")
         began = time.monotonic()
-        try:
-            import uvloop  # noqa: PLC0415 - optional speed-up for the load client
-
-            tally = uvloop.run(
-                run_load(
-                    proxy.url, proxy.admin_url, args.seconds, args.flips, args.connections, args.drain_timeout
-                )
+        tally = run_async(
+            lambda: run_load(
+                proxy.url, proxy.admin_url, args.seconds, args.flips, args.connections, args.drain_timeout
             )
-        except ImportError:
-            tally = asyncio.run(
-                run_load(
-                    proxy.url, proxy.admin_url, args.seconds, args.flips, args.connections, args.drain_timeout
-                )
-            )
+        )
         if not proxy.service.alive():
             tally.flip_failures.append(f"bgproxy exited during the run:\n{proxy.service.log_tail()}")
         log(f"done in {time.monotonic() - began:.1f} s")
@@ -261,8 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; children stopped")
-        sys.exit(130)
+    run_main(main)

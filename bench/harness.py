@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: children that always die, a fast upstream, bgproxy start-up, wrk runs, tables.
 
-Every bench module (throughput, flip-under-load, WebSocket counts) imports from here so they all pin,
-time-bound and clean up the same way.
+Every bench module (throughput, metrics cost, flip-under-load, WebSocket counts) imports from here so they
+all pin, time-bound, report and clean up the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -18,13 +19,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, NoReturn, TypeVar, cast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HELLO = "hello, world\n"
@@ -33,9 +35,26 @@ STOP_TIMEOUT_S = 5.0
 PROXY_CORE = 0
 LOAD_CORE = 1  # wrk and the upstream share it, identically for every target
 
+T = TypeVar("T")
+
 
 class ServiceError(RuntimeError):
     """A child failed to start or to become ready; the message carries its log tail."""
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout carries only the result table."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run main() under uvloop when installed (less client/server overhead in the figures), else asyncio."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- processes
@@ -59,6 +78,14 @@ def pinned(argv: Sequence[str], core: int | None) -> list[str]:
 
 def pinning_available() -> bool:
     return shutil.which("taskset") is not None and {PROXY_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
+
+
+def pin_load_client() -> bool:
+    """Move this process, the load client, to the load core beside the upstreams; False if unpinned."""
+    if not pinning_available():
+        return False
+    os.sched_setaffinity(0, {LOAD_CORE})
+    return True
 
 
 def free_port() -> int:
@@ -301,12 +328,7 @@ def serve_fixed(port: int, body: str) -> None:
         async with server:
             await server.serve_forever()
 
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_async(main)
 
 
 # --------------------------------------------------------------------------- bgproxy
@@ -409,6 +431,9 @@ def parse_wrk(text: str) -> WrkResult:
     if rps is None or total is None:
         raise ValueError(f"not wrk output:\n{text[-800:]}")
     latency = {f"p{pct}": float(value) * _UNITS_MS[unit] for pct, value, unit in _PERCENTILE.findall(text)}
+    missing = ", ".join(p for p in ("p50", "p75", "p90", "p99") if p not in latency)
+    if missing:  # else the table would show nan and the JSON lack latencies, with no hint why
+        raise ValueError(f"wrk output has no {missing} latency (was --latency given?):\n{text[-800:]}")
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     socket_errors = (
         dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True))
@@ -423,6 +448,63 @@ def parse_wrk(text: str) -> WrkResult:
         non2xx=int(non2xx.group(1)) if non2xx else 0,
         socket_errors=socket_errors,
     )
+
+
+def wrk_ready() -> bool:
+    """The preflight of the wrk benches: False (and how to install it) without wrk; warns if unpinned."""
+    if shutil.which("wrk") is None:
+        log("wrk is not installed (bash .ci/system-deps installs it)")
+        return False
+    if not pinning_available():
+        log("warning: taskset or a second CPU is missing; running unpinned, expect more noise")
+    return True
+
+
+@dataclass(frozen=True)
+class WrkOptions:
+    """The options every wrk bench takes, so their names, help, --quick and bounds mean the same in each."""
+
+    per: str  # what gets warmed up and run repeatedly, for the help texts: "cell", "variant"
+    runs: int
+    quick_runs: int
+    output: Path
+
+    def add(
+        self,
+        parser: argparse.ArgumentParser,
+        own: Callable[[argparse.ArgumentParser], object] | None = None,
+    ) -> None:
+        """Add the options; own(parser) adds the script's own ones between --connections and --quick."""
+        parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+        parser.add_argument(
+            "--runs", type=int, default=self.runs, help=f"measured runs per {self.per}; the median is kept"
+        )
+        parser.add_argument(
+            "--warmup", type=int, default=2, help=f"seconds of discarded warm-up per {self.per}"
+        )
+        parser.add_argument("--connections", default="50,10", help="comma list of wrk -c values")
+        if own is not None:
+            own(parser)
+        runs = f"{self.quick_runs} run{'s' if self.quick_runs != 1 else ''}"
+        parser.add_argument("--quick", action="store_true", help=f"smoke test: {runs} of 3 s, 1 s warm-up")
+        parser.add_argument("--output", type=Path, default=self.output, help="JSON results path")
+
+    def parse(
+        self,
+        parser: argparse.ArgumentParser,
+        argv: list[str] | None,
+        own: Callable[[argparse.Namespace], object] | None = None,
+    ) -> argparse.Namespace:
+        """Parse argv, apply --quick, split --connections, check own(args), then the shared bounds."""
+        args = parser.parse_args(argv)
+        if args.quick:
+            args.duration, args.runs, args.warmup = 3, self.quick_runs, 1
+        args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
+        if own is not None:
+            own(args)
+        if args.duration < 1 or args.runs < 1 or args.warmup < 0 or not args.connections:
+            parser.error("--duration and --runs must be >= 1, --warmup >= 0, --connections non-empty")
+        return args
 
 
 def run_wrk(url: str, connections: int, duration_s: int, core: int | None = LOAD_CORE) -> WrkResult:
@@ -479,6 +561,13 @@ def tool_version(argv: Sequence[str]) -> str:
     return lines[0].strip() if lines else ""
 
 
+def write_report(path: Path, report: dict[str, object]) -> None:
+    """The JSON results next to the printed table: every run, not only the medians."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {path}")
+
+
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit so with/finally blocks stop the children, as Ctrl-C already does."""
@@ -491,6 +580,26 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def bench_session(prefix: str) -> Iterator[tuple[Path, Services]]:
+    """A temp workdir and the children started in it; both gone on return, exception, Ctrl-C or SIGTERM."""
+    with (
+        sigterm_as_exit(),
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
+        Services(Path(tmp)) as services,
+    ):
+        yield Path(tmp), services
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A bench's `__main__`: exit with main()'s status, or 130 on Ctrl-C once the children are stopped."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; children stopped")
+        sys.exit(130)
 
 
 def main() -> None:

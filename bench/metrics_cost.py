@@ -9,14 +9,9 @@ the counting calls alone in nanoseconds, which is what the end-to-end figure hid
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 import timeit
-from pathlib import Path
 
 from bench.harness import (
     HELLO,
@@ -24,30 +19,32 @@ from bench.harness import (
     REPO_ROOT,
     Bgproxy,
     ServiceError,
-    Services,
+    WrkOptions,
     WrkResult,
+    bench_session,
     format_table,
     http_get,
+    log,
     median_run,
     pinning_available,
+    run_main,
     run_wrk,
-    sigterm_as_exit,
     spread_pct,
     start_bgproxy,
     start_upstream,
     wait_serving,
     wait_until,
+    write_report,
+    wrk_ready,
 )
 from bgproxy.config import MetricsConfig
 from bgproxy.stats import Stats
 
-RESULTS = REPO_ROOT / "bench" / "results" / "metrics_cost.json"
+OPTIONS = WrkOptions(
+    per="variant", runs=5, quick_runs=2, output=REPO_ROOT / "bench" / "results" / "metrics_cost.json"
+)
 TARGET_PCT = 10.0
 VARIANTS = {"metrics-on": True, "metrics-off": False}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def counting_ns(calls: int = 200_000) -> dict[str, float]:
@@ -78,19 +75,8 @@ def check_variant(proxy: Bgproxy, enabled: bool) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
-    parser.add_argument("--runs", type=int, default=5, help="measured runs per variant; the median is kept")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of discarded warm-up per variant")
-    parser.add_argument("--connections", default="50,10", help="comma list of wrk -c values")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 runs of 3 s, 1 s warm-up")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.runs, args.warmup = 3, 2, 1
-    args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
-    if args.duration < 1 or args.runs < 1 or args.warmup < 0 or not args.connections:
-        parser.error("--duration and --runs must be >= 1, --warmup >= 0, --connections non-empty")
-    return args
+    OPTIONS.add(parser)
+    return OPTIONS.parse(parser, argv)
 
 
 def measure(urls: dict[str, str], args: argparse.Namespace) -> list[dict[str, object]]:
@@ -171,18 +157,10 @@ def render(rows: list[dict[str, object]], micro: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        log("wrk is not installed (bash .ci/system-deps installs it)")
+    if not wrk_ready():
         return 2
-    if not pinning_available():
-        log("warning: taskset or a second CPU is missing; running unpinned, expect more noise")
     micro = counting_ns()
-    with (
-        sigterm_as_exit(),
-        tempfile.TemporaryDirectory(prefix="bgproxy-metrics-cost-") as tmp,
-        Services(Path(tmp)) as services,
-    ):
-        workdir = Path(tmp)
+    with bench_session("bgproxy-metrics-cost-") as (workdir, services):
         upstream = start_upstream(services, workdir, HELLO)
         log(f"upstream: {upstream.kind} on {upstream.address}")
         urls: dict[str, str] = {}
@@ -198,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"FAILED: {err}")
             return 1
     print(render(rows, micro))
-    report = {
+    report: dict[str, object] = {
         "meta": {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "pinned": pinning_available(),
@@ -211,15 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         "counting_ns_per_request": {k: round(v, 1) for k, v in micro.items()},
         "results": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.output}")
+    write_report(args.output, report)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; children stopped")
-        sys.exit(130)
+    run_main(main)

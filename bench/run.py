@@ -6,12 +6,9 @@ python -m bench.run [--duration 10] [--runs 3] [--connections 50,10] [--only bgp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,22 +22,27 @@ from bench.harness import (
     ServiceError,
     Services,
     Upstream,
+    WrkOptions,
     WrkResult,
+    bench_session,
     format_table,
     free_port,
+    log,
     median_run,
     pinning_available,
+    run_main,
     run_wrk,
-    sigterm_as_exit,
     spread_pct,
     start_bgproxy,
     start_nginx,
     start_upstream,
     tool_version,
     wait_serving,
+    write_report,
+    wrk_ready,
 )
 
-RESULTS = REPO_ROOT / "bench" / "results" / "latest.json"
+OPTIONS = WrkOptions(per="cell", runs=3, quick_runs=1, output=REPO_ROOT / "bench" / "results" / "latest.json")
 TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics")
 
 # A target starter brings its proxy up in front of the upstream and returns the URL to load.
@@ -127,35 +129,23 @@ REQUIRED_TOOL = {"haproxy": "haproxy", "nginx": "nginx"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
-    parser.add_argument("--runs", type=int, default=3, help="measured runs per cell; the median is kept")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of discarded warm-up per cell")
-    parser.add_argument("--connections", default="50,10", help="comma list of wrk -c values")
-    parser.add_argument(
-        "--only", default="", help=f"comma list of targets from {', '.join(TARGETS)}; 'bgproxy' means both"
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 run of 3 s, 1 s warm-up")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results path")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.runs, args.warmup = 3, 1, 1
-    args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
-    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+
+    def add_only(p: argparse.ArgumentParser) -> None:
+        help_text = f"comma list of targets from {', '.join(TARGETS)}; 'bgproxy' means both"
+        p.add_argument("--only", default="", help=help_text)
 
     def selects(word: str, target: str) -> bool:
         return target == word or target.startswith(f"{word}-")
 
-    unknown = [w for w in wanted if not any(selects(w, t) for t in TARGETS)]
-    if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if not wanted or any(selects(w, t) for w in wanted)]
-    if args.duration < 1 or args.runs < 1 or args.warmup < 0 or not args.connections:
-        parser.error("--duration and --runs must be >= 1, --warmup >= 0, --connections non-empty")
-    return args
+    def choose_targets(args: argparse.Namespace) -> None:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if not any(selects(w, t) for t in TARGETS)]
+        if unknown:
+            parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        args.targets = [t for t in TARGETS if not wanted or any(selects(w, t) for w in wanted)]
 
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    OPTIONS.add(parser, add_only)
+    return OPTIONS.parse(parser, argv, choose_targets)
 
 
 def measure(
@@ -283,19 +273,11 @@ def metadata(args: argparse.Namespace, upstream_kind: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        log("wrk is not installed (bash .ci/system-deps installs it)")
+    if not wrk_ready():
         return 2
-    if not pinning_available():
-        log("warning: taskset or a second CPU is missing; running unpinned, expect more noise")
     failures: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    with (
-        sigterm_as_exit(),
-        tempfile.TemporaryDirectory(prefix="bgproxy-bench-") as tmp,
-        Services(Path(tmp)) as services,
-    ):
-        workdir = Path(tmp)
+    with bench_session("bgproxy-bench-") as (workdir, services):
         try:
             upstream = start_upstream(services, workdir, HELLO)
         except ServiceError as err:
@@ -319,16 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = metadata(args, upstream.kind)
     print(render(cells, failures, skipped))
     results = [c.as_dict() for c in cells]
-    report = {"meta": meta, "results": results, "failures": failures, "skipped": skipped}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.output}")
+    write_report(args.output, {"meta": meta, "results": results, "failures": failures, "skipped": skipped})
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; children stopped")
-        sys.exit(130)
+    run_main(main)

@@ -19,7 +19,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -34,11 +33,13 @@ from bench.harness import (
     LOAD_CORE,
     Bgproxy,
     ServiceError,
-    Services,
+    bench_session,
     format_table,
     free_port,
-    pinning_available,
-    sigterm_as_exit,
+    log,
+    pin_load_client,
+    run_async,
+    run_main,
     start_bgproxy,
     tcp_open,
     wait_until,
@@ -49,10 +50,6 @@ MAX_CONNECTIONS = 10_000  # bgproxy's default limits.max_connections, which star
 STEP_TIMEOUT_S = 10.0  # one connect, one echo, one admin call
 CLOSE_SLACK_S = 30.0  # how long after the drain deadline the closes may take before we give up
 SETTLE_S = 1.0  # pause before reading RSS, so the last batch's buffers are in place
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- echo upstream
@@ -74,12 +71,7 @@ def serve_echo(port: int) -> None:
         ) as server:
             await server.serve_forever()
 
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_async(main)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -316,12 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < need:
         log(f"RLIMIT_NOFILE hard limit {nofile} is below the {need} fds bgproxy needs; lower --count")
         return 2
-    with (
-        sigterm_as_exit(),
-        tempfile.TemporaryDirectory(prefix="bgproxy-ws-") as tmp,
-        Services(Path(tmp)) as services,
-    ):
-        workdir = Path(tmp)
+    with bench_session("bgproxy-ws-") as (workdir, services):
         try:
             port = free_port()
             echo = services.start(
@@ -333,18 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         except ServiceError as err:
             log(f"FAILED to start: {err}")
             return 1
-        if pinning_available():
-            os.sched_setaffinity(0, {LOAD_CORE})  # clients share core 1 with the upstream; bgproxy has core 0
+        pin_load_client()  # clients share core 1 with the upstream; bgproxy has core 0
         log(
             f"RLIMIT_NOFILE {nofile}; opening {args.count} WebSockets via {proxy.url}, {args.batch} at a time"
         )
         began = time.monotonic()
-        try:
-            import uvloop  # noqa: PLC0415 - optional speed-up for the clients
-
-            res = uvloop.run(scenario(proxy, args))
-        except ImportError:
-            res = asyncio.run(scenario(proxy, args))
+        res = run_async(lambda: scenario(proxy, args))
         log(f"done in {time.monotonic() - began:.1f} s")
     text, ok = report(res, args)
     print(text)
@@ -352,8 +333,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; children stopped")
-        sys.exit(130)
+    run_main(main)
