@@ -27,7 +27,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY bgproxy/ ./bgproxy/
 # The runtime deps (uvloop, httptools, pydantic-core, aiohttp) ship manylinux
 # wheels for 3.12, so no compiler is needed here.

@@ -14,21 +14,25 @@ from collections.abc import Callable
 class Deadline:
     """Calls `callback` once the armed expiry passes, unless disarmed or re-armed first."""
 
-    __slots__ = ("_callback", "_handle", "_loop", "when")
+    __slots__ = ("_callback", "_handle", "_loop", "_scheduled", "when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
         self._callback = callback
         self._handle: asyncio.TimerHandle | None = None
+        self._scheduled = 0.0  # when the live handle fires
         self.when = 0.0  # 0.0 = disarmed
 
     def arm(self, seconds: float) -> None:
-        self.when = when = self._loop.time() + seconds
-        handle = self._handle
-        if handle is None:
-            self._handle = self._loop.call_at(when, self._fire)
-        elif handle.when() > when:  # earlier than the pending wake-up: reschedule
-            handle.cancel()
+        self.arm_at(self._loop.time() + seconds)
+
+    def arm_at(self, when: float) -> None:
+        """Expire at loop time `when` (for callers that already hold the current time)."""
+        self.when = when
+        if self._handle is None or self._scheduled > when:  # no wake-up, or one too late
+            if self._handle is not None:
+                self._handle.cancel()
+            self._scheduled = when
             self._handle = self._loop.call_at(when, self._fire)
 
     def disarm(self) -> None:
@@ -46,6 +50,7 @@ class Deadline:
         if not when:
             return
         if self._loop.time() < when:
+            self._scheduled = when
             self._handle = self._loop.call_at(when, self._fire)
             return
         self.when = 0.0

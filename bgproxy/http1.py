@@ -7,6 +7,7 @@ tables.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
@@ -76,31 +77,33 @@ _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"})
 
 
-def _extra_options(conn_values: list[bytes]) -> set[bytes]:
+def _extra_options(conn_values: list[bytes]) -> Set[bytes]:
     """Header names a Connection header asks us to drop beyond the standard hop-by-hop ones."""
-    if all(v in _PLAIN_CONNECTION for v in conn_values):
-        return set()  # the common case: "Connection: keep-alive"
-    return connection_tokens(conn_values) - _PLAIN_OPTIONS
+    for value in conn_values:
+        if value not in _PLAIN_CONNECTION:
+            return connection_tokens(conn_values) - _PLAIN_OPTIONS
+    return _NO_OPTIONS  # the common case: "Connection: keep-alive"
 
 
-class _KindCache(dict[bytes, int | None]):
-    """Exact header-name bytes -> kind, so the usual names skip bytes.lower() (bounded)."""
-
-    def __init__(self, kinds: dict[bytes, int]) -> None:
-        super().__init__()
-        self._kinds = kinds
-
-    def __missing__(self, name: bytes) -> int | None:
-        kind = self._kinds.get(name.lower())
-        if len(self) < 1024:  # names come from the network: never grow without bound
-            self[name] = kind
-        return kind
+_NO_OPTIONS: frozenset[bytes] = frozenset()
 
 
-_REQUEST_CACHE = _KindCache(_REQUEST_KINDS)
+def _learn(cache: dict[bytes, int | None], kinds: dict[bytes, int], name: bytes) -> int | None:
+    """A header name not seen before: look it up case-insensitively and remember the exact bytes.
+
+    The caches are plain dicts (CPython specializes indexing of exact dicts, not of subclasses),
+    bounded because names come from the network.
+    """
+    kind = kinds.get(name.lower())
+    if len(cache) < 1024:
+        cache[name] = kind
+    return kind
 
 
-def _without(lines: list[bytes], dropped: set[bytes]) -> list[bytes]:
+_REQUEST_CACHE: dict[bytes, int | None] = {}
+
+
+def _without(lines: list[bytes], dropped: Set[bytes]) -> list[bytes]:
     """Flat [name, ": ", value, CRLF, ...] minus the headers whose names are in `dropped`."""
     out: list[bytes] = []
     for i in range(0, len(lines), 4):
@@ -138,7 +141,10 @@ def build_request_head(
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     kinds = _REQUEST_CACHE
     for name, value in headers:
-        kind = kinds[name]
+        try:
+            kind = kinds[name]
+        except KeyError:
+            kind = _learn(kinds, _REQUEST_KINDS, name)
         if kind is None:
             lines += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
@@ -257,7 +263,7 @@ _RESPONSE_KINDS = {name: _HOP for name in HOP_BY_HOP} | {
 }
 
 
-_RESPONSE_CACHE = _KindCache(_RESPONSE_KINDS)
+_RESPONSE_CACHE: dict[bytes, int | None] = {}
 
 
 def build_response_head(
@@ -281,7 +287,10 @@ def build_response_head(
     lines = [status_line(status, reason)]
     kinds = _RESPONSE_CACHE
     for name, value in headers:
-        kind = kinds[name]
+        try:
+            kind = kinds[name]
+        except KeyError:
+            kind = _learn(kinds, _RESPONSE_KINDS, name)
         if kind is None:
             lines += (name, b": ", value, b"\r\n")
         elif kind == _CL:

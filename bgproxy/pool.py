@@ -117,8 +117,9 @@ class ColorPool:
                     best = up
             return best
         for _ in range(n):
-            up = ups[self._next]
-            self._next = (self._next + 1) % n
+            i = self._next
+            up = ups[i]
+            self._next = i + 1 if i + 1 < n else 0
             if up.available and up is not exclude:
                 return up
         return None

@@ -193,7 +193,7 @@ class Exchange:
             self.pending = []
         else:
             transport.write(self.head)
-        conn.deadline.arm(conn.header_timeout)
+        conn.deadline.arm_at(self.started + conn.header_timeout)
         self.client.resume(_WAIT)
 
     def request_body(self, body: bytes) -> None:
@@ -282,8 +282,9 @@ class Exchange:
         if self.framing == ResponseFraming.CHUNKED:
             self.client.send(LAST_CHUNK)
         conn.served += 1
-        self._release_upstream(reusable=upstream_keep_alive and self.request_done)
-        self.finish()
+        now = self.router.loop.time()
+        self._release_upstream(upstream_keep_alive and self.request_done, now)
+        self.finish(now)
 
     def upgraded(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The upstream switched protocols: from here on, splice bytes both ways."""
@@ -390,7 +391,8 @@ class Exchange:
             self.status = 499  # nginx's "client closed request"
         self.finish()
 
-    def _release_upstream(self, reusable: bool = False) -> None:
+    def _release_upstream(self, reusable: bool = False, now: float = 0.0) -> None:
+        """Give the upstream connection back to its pool (if reusable) or close it."""
         conn, up = self.conn, self.upstream
         if up is not None:
             up.outstanding -= 1
@@ -399,15 +401,15 @@ class Exchange:
             return
         self.conn = None
         conn.ex = None
-        conn.deadline.disarm()
+        conn.deadline.when = 0.0  # disarm
         if reusable and not conn.closed and up is not None:
             if self.client.write_paused:
                 conn.transport.resume_reading()  # type: ignore[union-attr]
-            up.give_back(conn, self.router.loop.time())
+            up.give_back(conn, now or self.router.loop.time())
         else:
             conn.close()
 
-    def finish(self) -> None:
+    def finish(self, now: float = 0.0) -> None:
         """Account for the exchange and let the client connection move on."""
         if self.done:
             return
@@ -417,11 +419,11 @@ class Exchange:
         router.active[self.color].discard(self)
         if self.closed_at_deadline or self.color in router.draining:
             router.drain_progress(self)
-        now = router.loop.time()
+        now = now or router.loop.time()
         self.cstats.response(self.status, now - self.started, now, self.broken)
         if router.access_log:
             log.info("%s %d %s", self.color, self.status, self.client.peer_ip)
-        self.client.exchange_done(self)
+        self.client.exchange_done(self, now)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -637,8 +639,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if len(buf) == 1:
             self.transport.write(buf[0])
-        elif len(buf) < 8 and sum(map(len, buf)) < 16384:
-            self.transport.write(b"".join(buf))
+        elif len(buf) == 2 and len(buf[1]) < 16384:
+            self.transport.write(buf[0] + buf[1])  # head + a small body: one copy, one send
         else:
             self.transport.writelines(buf)
 
@@ -659,7 +661,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading_after_backpressure(self) -> None:
         self.resume(_BACKPRESSURE)
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, ex: Exchange, now: float) -> None:
         """An answer is complete: close, start the next pipelined request, or wait idle."""
         if ex is not self.current or self.transport is None:
             return
@@ -680,7 +682,7 @@ class ClientConnection(asyncio.Protocol):
         self.resume(_WAIT)
         if self.reading is None:
             self.idle = True
-            self.deadline.arm(self.router.idle_timeout)
+            self.deadline.arm_at(now + self.router.idle_timeout)
 
     def upgrade_started(self) -> None:
         self.upgrading = None
