@@ -51,6 +51,7 @@ class App:
         self._admin_runner: web.AppRunner | None = None
         self._admin_site: web.TCPSite | None = None
         self.shutting_down = False
+        self._stopped = False
 
     @property
     def admin_port(self) -> int:
@@ -158,6 +159,10 @@ class App:
         await self.stop()
 
     async def stop(self) -> None:
+        """Close everything now (idempotent: the CLI calls it again after a graceful shutdown)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.shutting_down = True
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bgproxy.logs import JsonFormatter, Throttled
+from bgproxy.logs import JsonFormatter, TextFormatter, Throttled
 
 
 def test_json_formatter_puts_extra_fields_at_top_level() -> None:
@@ -34,3 +34,11 @@ def test_throttled_logs_once_per_interval_per_key_and_counts_rest(
         throttled.warning(("a", "connect_refused"), "upstream error", upstream="a")
     got = [(r.upstream, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
     assert got == [("a", 0), ("b", 0), ("a", 4)]
+
+
+def test_text_formatter_appends_the_structured_fields() -> None:
+    record = logging.LogRecord("bgproxy.drain", logging.INFO, __file__, 1, "drain started", None, None)
+    record.color = "blue"
+    record.in_flight = 3
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == "INFO bgproxy.drain: drain started color=blue in_flight=3"
