@@ -87,12 +87,11 @@ def color_state(app: App, color: Color) -> dict[str, Any]:
     """One color's entry in /v1/state: the one place to add per-color fields (and to ColorState)."""
     stats = app.stats.colors[color]
     drain = app.switchboard.drain_of(color)
-    active = app.router.active[color] if app.router is not None else ()
     return {
         "weight": app.switchboard.weights.of(color),
         "upstreams": [str(u) for u in app.config.pools.get(color).upstreams],
         "in_flight": stats.in_flight,
-        "streams": sum(1 for ex in active if ex.is_stream),
+        "streams": app.router.open_streams(color) if app.router is not None else 0,
         "draining": drain is not None,
         "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,
         "drained": {"ended": stats.streams_ended, "deadline": stats.streams_deadline},

@@ -68,7 +68,7 @@ class App:
             return False, "starting"
         weights = self.switchboard.weights
         live = [color for color in router.pools if weights.of(color)]  # type: ignore[arg-type]
-        if not any(up.available for color in live for up in router.pools[color].upstreams):
+        if not any(router.pools[color].serving for color in live):
             return False, f"no healthy upstream for live traffic ({', '.join(live)})"
         return True, "serving"
 
@@ -101,9 +101,9 @@ class App:
             return
         for color in COLORS:
             if after.of(color) > before.of(color):
-                ups = self.router.pools[color].upstreams
-                if not any(up.available for up in ups):
-                    down = ", ".join(up.addr for up in ups) or "none configured"
+                pool = self.router.pools[color]
+                if not pool.serving:
+                    down = ", ".join(up.addr for up in pool.upstreams) or "none configured"
                     raise SwitchError(
                         f"{color} has no healthy upstream (down: {down}); nothing changed. "
                         'Send "force": true to apply anyway.'

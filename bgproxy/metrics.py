@@ -99,8 +99,7 @@ class BgproxyCollector(Collector):
         for color in COLORS:
             cs = stats.colors[color]
             active.add_metric([color], cs.in_flight)
-            exchanges = app.router.active[color] if app.router is not None else ()
-            streams.add_metric([color], sum(1 for ex in exchanges if ex.is_stream))
+            streams.add_metric([color], app.router.open_streams(color) if app.router is not None else 0)
             ended.add_metric([color, "self"], cs.streams_ended)
             ended.add_metric([color, "deadline"], cs.streams_deadline)
             weight.add_metric([color], weights[color])

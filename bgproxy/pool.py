@@ -124,6 +124,11 @@ class ColorPool:
                 return up
         return None
 
+    @property
+    def serving(self) -> bool:
+        """Whether any upstream of this color takes requests (healthy and not ejected)."""
+        return any(up.available for up in self.upstreams)
+
     def close_idle(self) -> None:
         for up in self.upstreams:
             up.close_idle()

@@ -169,16 +169,23 @@ class Exchange:
         self.router.health.failed(up)
         if self.done:
             return
+        # Nothing was sent yet (the body waits in `pending` or in the client socket): safe to move.
+        if self._fail_over(up):
+            return
         self._release_upstream()
-        if not self.failed_over:
-            # Nothing was sent yet (the body waits in `pending` or in the client socket), so the
-            # request is safe to try once on another upstream of the same color.
-            other = self.router.pools[self.color].pick(exclude=up)
-            if other is not None:
-                self.failed_over = True
-                self._use(other)
-                return
         self.fail(status, f"{self.color} upstream {up.addr} {why}")
+
+    def _fail_over(self, up: Upstream) -> bool:
+        """Move the request, once, to another upstream of the same color; False if none can take it."""
+        if self.failed_over:
+            return False
+        other = self.router.pools[self.color].pick(exclude=up)
+        if other is None:
+            return False
+        self.failed_over = True
+        self._release_upstream()
+        self._use(other)
+        return True
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
@@ -335,13 +342,9 @@ class Exchange:
                 self._release_upstream()
                 self._use(up)
                 return
-            other = None if self.failed_over else self.router.pools[self.color].pick(exclude=up)
-            if other is not None:
-                self.failed_over = True
+            if self._fail_over(up):
                 self.cstats.upstream_error(up.addr, "reset_before_headers")
                 self.router.health.failed(up)
-                self._release_upstream()
-                self._use(other)
                 return
         self.upstream_failed(conn, "reset_before_headers", "closed the connection before answering")
 

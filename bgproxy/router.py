@@ -72,6 +72,10 @@ class Router:
             return False
         return any(addr in net for net in self._trusted)
 
+    def open_streams(self, color: str) -> int:
+        """Long-lived exchanges of a color in flight (upgraded, or streaming without a length)."""
+        return sum(1 for ex in self.active[color] if ex.is_stream)
+
     def expire_idle(self) -> None:
         """Close pooled upstream connections that sat idle too long (called every second)."""
         now = self.loop.time()
