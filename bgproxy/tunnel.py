@@ -49,24 +49,22 @@ class Tunnel:
             self.from_upstream(early_from_upstream)
 
     def from_client(self, data: bytes) -> None:
-        frames = self.client_frames
-        if frames is None:
-            self._upstream.write(data)
-        elif self._closing is None:
-            frames.feed(data)
-            self._upstream.write(data)
-        else:
-            self._forward_until_boundary(frames, data, self._upstream, masked=True)
+        self._relay(self.client_frames, data, self._upstream, masked=True)
 
     def from_upstream(self, data: bytes) -> None:
-        frames = self.upstream_frames
+        self._relay(self.upstream_frames, data, self._client, masked=False)
+
+    def _relay(
+        self, frames: FrameTracker | None, data: bytes, out: asyncio.Transport, *, masked: bool
+    ) -> None:
+        """Pass bytes on, following frame boundaries for WebSocket (the same rule both ways)."""
         if frames is None:
-            self._client.write(data)
+            out.write(data)
         elif self._closing is None:
             frames.feed(data)
-            self._client.write(data)
+            out.write(data)
         else:
-            self._forward_until_boundary(frames, data, self._client, masked=False)
+            self._forward_until_boundary(frames, data, out, masked=masked)
 
     def close_going_away(self, code: int = 1001, reason: str = "going away") -> None:
         """End the tunnel: a close frame to each side at its next frame boundary, then close.
