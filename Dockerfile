@@ -26,11 +26,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# gcc and the libc headers compile the data plane with mypyc (setup.py); the
+# runtime deps (uvloop, httptools, pydantic-core, aiohttp) ship manylinux
+# wheels. Only the venv leaves this stage, so the compiler never ships.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY bgproxy/ ./bgproxy/
-# The runtime deps (uvloop, httptools, pydantic-core, aiohttp) ship manylinux
-# wheels for 3.12, so no compiler is needed here.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir .
 

@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml
+# Any source change reinstalls: the editable install compiles the data plane with mypyc in place,
+# and a compiled module would otherwise shadow the edited .py (BGPROXY_PURE=1 skips compiling).
+$(STAMP): pyproject.toml setup.py $(wildcard bgproxy/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	bash .ci/build-deps $(BIN)/python
+	rm -f bgproxy/*.so *__mypyc*.so
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -16,8 +20,8 @@ run: $(STAMP)
 	$(BIN)/bgproxy demo --config config/bgproxy.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check bgproxy tests bench
-	$(BIN)/ruff format --check bgproxy tests bench
+	$(BIN)/ruff check bgproxy tests bench setup.py
+	$(BIN)/ruff format --check bgproxy tests bench setup.py
 	$(BIN)/mypy
 
 test: $(STAMP) lint
@@ -29,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bgproxy/*.so *__mypyc*.so

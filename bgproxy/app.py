@@ -7,9 +7,11 @@ import contextlib
 import ipaddress
 import logging
 import time
+from typing import cast
 
 from aiohttp import web
 
+from . import proxy
 from .admin import build_admin_app
 from .config import Config, ConfigError
 from .control import Controller
@@ -21,6 +23,14 @@ from .stats import Stats
 from .switching import COLORS, Switchboard, SwitchError, SwitchResult, Weights
 
 log = logging.getLogger("bgproxy")
+
+
+def dataplane_build() -> str:
+    """ "mypyc" when the data plane runs compiled (setup.py), "interpreted" for a BGPROXY_PURE=1 build.
+
+    Logged at start: the two behave the same, but an operator comparing throughput needs to know.
+    """
+    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "mypyc"
 
 
 class App:
@@ -122,7 +132,11 @@ class App:
         router.health.start()
         listen = self.config.listen
         self._server = await loop.create_server(
-            lambda: ClientConnection(router), listen.host, listen.port, reuse_address=True, backlog=4096
+            lambda: cast(asyncio.Protocol, ClientConnection(router)),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=4096,
         )
         self._housekeeping = loop.create_task(self._tick())
         admin = self.config.admin.listen
@@ -135,6 +149,7 @@ class App:
             extra={
                 "listen": f"{listen.host}:{self.proxy_port}",
                 "weights": self.switchboard.weights.as_dict(),
+                "dataplane": dataplane_build(),
             },
         )
 

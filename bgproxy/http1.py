@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 from http import HTTPStatus
+from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -226,10 +227,10 @@ def build_request_head(
 class ResponseFraming:
     """How a response body is delimited toward the client."""
 
-    NONE = 0  # no body (HEAD, 1xx, 204, 304)
-    LENGTH = 1  # Content-Length passed through
-    CHUNKED = 2  # we chunk it (upstream chunked or close-delimited, HTTP/1.1 client)
-    CLOSE = 3  # close-delimited (HTTP/1.0 client)
+    NONE: Final = 0  # no body (HEAD, 1xx, 204, 304)
+    LENGTH: Final = 1  # Content-Length passed through
+    CHUNKED: Final = 2  # we chunk it (upstream chunked or close-delimited, HTTP/1.1 client)
+    CLOSE: Final = 3  # close-delimited (HTTP/1.0 client)
 
 
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}

@@ -429,8 +429,12 @@ class Exchange:
         self.client.exchange_done(self, now)
 
 
-class ClientConnection(asyncio.Protocol):
-    """Parses requests from one client, queues pipelined ones, and runs one Exchange at a time."""
+class ClientConnection:
+    """Parses requests from one client, queues pipelined ones, and runs one Exchange at a time.
+
+    It implements asyncio.Protocol structurally rather than by inheritance: a class with a Python
+    base cannot be a mypyc native class, and native attribute access is most of the speed-up.
+    """
 
     __slots__ = (
         "closing",
@@ -485,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
         self.idle = True  # between requests: a timeout closes silently instead of answering 408
         self.deadline = Deadline(router.loop, self._timed_out)
 
-    # -- asyncio.Protocol -------------------------------------------------------------------------
+    # -- the asyncio.Protocol interface -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         router = self.router

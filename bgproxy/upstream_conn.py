@@ -15,11 +15,12 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """Parses responses from one upstream and hands them to the exchange it serves.
 
     A connection serves one exchange at a time (no pipelining toward upstreams) and returns to its
-    Upstream's idle pool when both sides agree to keep it alive.
+    Upstream's idle pool when both sides agree to keep it alive. Like ClientConnection it is an
+    asyncio.Protocol by structure, not inheritance, so mypyc can compile it as a native class.
     """
 
     __slots__ = (
@@ -53,7 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.served = 0  # exchanges served; >0 means a reused connection (stale-race retry)
         self.tunnel: Tunnel | None = None
 
-    # -- asyncio.Protocol -------------------------------------------------------------------------
+    # -- the asyncio.Protocol interface -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
@@ -157,8 +158,7 @@ async def open_connection(
 ) -> UpstreamConnection:
     """Connect to an upstream within `connect_timeout` (TimeoutError / OSError on failure)."""
     loop = asyncio.get_running_loop()
+    conn = UpstreamConnection(upstream, loop, header_timeout)
     async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(
-            lambda: UpstreamConnection(upstream, loop, header_timeout), upstream.host, upstream.port
-        )
+        await loop.create_connection(lambda: cast(asyncio.Protocol, conn), upstream.host, upstream.port)
     return conn

@@ -22,6 +22,18 @@ from bgproxy.app import App
 from bgproxy.config import load_config
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test stale compiled modules: a .so older than its .py would shadow the edit."""
+    package = Path(__file__).parent.parent / "bgproxy"
+    stale = [
+        so.name
+        for so in package.glob("*.so")
+        if so.stat().st_mtime < (package / f"{so.name.split('.')[0]}.py").stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; run `make test`", 2)
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """Every async test runs on uvloop, the loop bgproxy runs on in production."""
     return {"uvloop": uvloop.new_event_loop}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -79,6 +80,7 @@ def test_run_logs_start_and_stop_as_json_and_exits_0_on_sigterm(tmp_path: Path) 
         first = json.loads(proc.stderr.readline())
         assert first["msg"] == "bgproxy listening" and first["level"] == "info"
         assert first["weights"] == {"blue": 100, "green": 0}
+        assert first["dataplane"] == ("interpreted" if os.environ.get("BGPROXY_PURE") == "1" else "mypyc")
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
