@@ -9,6 +9,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,7 +185,12 @@ def bench(urls: dict[str, str], args: argparse.Namespace, failures: dict[str, st
                     f"{result.requests_per_sec:>10.0f} req/s  p99 {result.latency_ms.get('p99', 0):.2f} ms"
                     f"  errors {result.errors}"
                 )
-        cells += [Cell(target, connections, results) for target, results in runs.items() if target in live]
+        base = runs.get("haproxy", [])
+        cells += [
+            Cell(target, connections, results, paired_ratio(results, base) if base else None)
+            for target, results in runs.items()
+            if target in live
+        ]
     return cells
 
 
@@ -195,6 +201,7 @@ class Cell:
     target: str
     connections: int
     runs: list[WrkResult]
+    paired_vs_haproxy: float | None = None  # see paired_ratio
 
     @property
     def median(self) -> WrkResult:
@@ -207,8 +214,24 @@ class Cell:
             "median": self.median.as_dict(),
             "spread_pct": round(spread_pct(self.runs), 1),
             "errors_total": sum(r.errors for r in self.runs),
+            "paired_vs_haproxy": self.paired_vs_haproxy,
             "runs": [r.as_dict() for r in self.runs],
         }
+
+
+def paired_ratio(runs: list[WrkResult], base: list[WrkResult]) -> float | None:
+    """Median over rounds of req/s divided by the baseline's req/s in the same round.
+
+    Runs of one round are back to back, so a slow spell on a shared box mostly hits both; the median
+    of per-round ratios shrugs off such spells better than a ratio of medians taken from different
+    minutes.
+    """
+    if len(runs) != len(base):
+        return None  # a failed run broke the pairing
+    ratios = [
+        a.requests_per_sec / b.requests_per_sec for a, b in zip(runs, base, strict=True) if b.requests_per_sec
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str]) -> str:
@@ -234,10 +257,14 @@ def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str])
                 sum(r.errors for r in c.runs),
                 f"{spread_pct(c.runs):.1f}%",
                 ratio(median.requests_per_sec, haproxy.get(c.connections)),
+                "-" if c.paired_vs_haproxy is None else f"{c.paired_vs_haproxy:.2f}",
                 ratio(median.requests_per_sec, direct.get(c.connections)),
             ]
         )
-    headers = ["target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread", "vs haproxy", "vs direct"]
+    headers = [
+        "target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread",
+        "vs haproxy", "paired vs haproxy", "vs direct",
+    ]  # fmt: skip
     text = format_table(headers, rows)
     for target, reason in skipped.items():
         text += f"\n{target}: skipped - {reason}"

@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
 from bench.harness import WrkResult, median_run, parse_wrk
+from bench.run import paired_ratio
 
 NGINX_200 = """\
 Running 2s test @ http://127.0.0.1:34589/
@@ -261,3 +262,20 @@ def test_median_run_picks_the_middle_run(rates: list[float], picked: float) -> N
 def test_median_run_keeps_that_runs_latencies() -> None:
     runs = [run(100.0, p99=9.0), run(300.0, p99=1.0), run(200.0, p99=5.0)]
     assert median_run(runs).latency_ms == {"p99": 5.0}
+
+
+@pytest.mark.parametrize(
+    ("rates", "base", "expected"),
+    [
+        ([30.0, 10.0, 20.0], [40.0, 40.0, 40.0], 0.5),  # median of 0.75, 0.25, 0.5
+        # A slow spell in round 2 sinks both targets: the per-round ratio stays 0.8.
+        ([40.0, 8.0, 40.0], [50.0, 10.0, 50.0], 0.8),
+        ([10.0, 20.0], [10.0, 10.0, 10.0], None),  # a failed run breaks the pairing
+        ([10.0], [0.0], None),  # no usable baseline
+    ],
+)
+def test_paired_ratio_compares_runs_of_the_same_round(
+    rates: list[float], base: list[float], expected: float | None
+) -> None:
+    got = paired_ratio([run(r) for r in rates], [run(r) for r in base])
+    assert got == (pytest.approx(expected) if expected is not None else None)
