@@ -26,6 +26,7 @@ from bench.harness import (
     WrkOptions,
     WrkResult,
     bench_session,
+    cpu_seconds,
     format_table,
     free_port,
     log,
@@ -46,15 +47,22 @@ from bench.harness import (
 OPTIONS = WrkOptions(per="cell", runs=3, quick_runs=1, output=REPO_ROOT / "bench" / "results" / "latest.json")
 TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics")
 
-# A target starter brings its proxy up in front of the upstream and returns the URL to load.
-Starter = Callable[[Services, Path, Upstream], str]
+# A target starter brings its proxy up in front of the upstream and returns the URL to load and the
+# proxy's pid (whose CPU time is read around each run), or None when there is no proxy.
+Starter = Callable[[Services, Path, Upstream], "Target"]
 
 
-def start_direct(_services: Services, _workdir: Path, upstream: Upstream) -> str:
-    return upstream.url
+@dataclass
+class Target:
+    url: str
+    pid: int | None
 
 
-def start_haproxy(services: Services, workdir: Path, upstream: Upstream) -> str:
+def start_direct(_services: Services, _workdir: Path, upstream: Upstream) -> Target:
+    return Target(upstream.url, None)
+
+
+def start_haproxy(services: Services, workdir: Path, upstream: Upstream) -> Target:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "haproxy.cfg"
@@ -82,10 +90,10 @@ backend upstream
     service = services.start("haproxy", ["haproxy", "-db", "-f", str(conf)], PROXY_CORE)
     url = f"http://127.0.0.1:{port}/"
     wait_serving(url, upstream.body, service)
-    return url
+    return Target(url, service.proc.pid)
 
 
-def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> str:
+def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> Target:
     port = free_port()
     http_body = f"""    upstream backend {{
         server {upstream.address};
@@ -103,17 +111,17 @@ def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> 
     service = start_nginx(services, "nginx-proxy", workdir, http_body, PROXY_CORE)
     url = f"http://127.0.0.1:{port}/"
     wait_serving(url, upstream.body, service)
-    return url
+    return Target(url, service.proc.pid)
 
 
 def bgproxy_starter(metrics: bool) -> Starter:
-    def start(services: Services, workdir: Path, upstream: Upstream) -> str:
+    def start(services: Services, workdir: Path, upstream: Upstream) -> Target:
         name = "bgproxy" if metrics else "bgproxy-nometrics"
         proxy = start_bgproxy(
             services, workdir, [upstream.address], [upstream.address], metrics=metrics, name=name
         )
         wait_serving(proxy.url, upstream.body, proxy.service)
-        return proxy.url
+        return Target(proxy.url, proxy.service.proc.pid)
 
     return start
 
@@ -150,21 +158,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(
-    live: dict[str, str], order: list[str], connections: int, seconds: int, failures: dict[str, str]
+    live: dict[str, Target], order: list[str], connections: int, seconds: int, failures: dict[str, str]
 ) -> dict[str, WrkResult]:
     """One wrk run per target in order; a target whose run fails is reported and dropped from live."""
     results: dict[str, WrkResult] = {}
     for target in order:
+        pid = live[target].pid
         try:
-            results[target] = run_wrk(live[target], connections, seconds)
-        except (RuntimeError, ValueError) as err:
+            before = cpu_seconds(pid) if pid else 0.0
+            result = run_wrk(live[target].url, connections, seconds)
+            if pid and result.requests:
+                result.proxy_cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
+            results[target] = result
+        except (RuntimeError, ValueError, OSError) as err:
             failures[target] = f"wrk at c={connections}: {err}"
             log(f"  {target} FAILED: {err}")
             del live[target]
     return results
 
 
-def bench(urls: dict[str, str], args: argparse.Namespace, failures: dict[str, str]) -> list[Cell]:
+def bench(urls: dict[str, Target], args: argparse.Namespace, failures: dict[str, str]) -> list[Cell]:
     """Interleave the targets run by run, rotating the order, so a burst of background load on a shared
     box hits every target alike instead of sinking one target's whole block of runs."""
     live = dict(urls)
@@ -184,6 +197,7 @@ def bench(urls: dict[str, str], args: argparse.Namespace, failures: dict[str, st
                     f"  {target:<18} c={connections:<3} run {i + 1}/{args.runs}: "
                     f"{result.requests_per_sec:>10.0f} req/s  p99 {result.latency_ms.get('p99', 0):.2f} ms"
                     f"  errors {result.errors}"
+                    + (f"  cpu {result.proxy_cpu_us:.1f} us/req" if result.proxy_cpu_us else "")
                 )
         base = runs.get("haproxy", [])
         cells += [
@@ -207,6 +221,12 @@ class Cell:
     def median(self) -> WrkResult:
         return median_run(self.runs)
 
+    @property
+    def cpu_us(self) -> float | None:
+        """Median CPU per request of the proxy over the runs (None for direct)."""
+        values = [r.proxy_cpu_us for r in self.runs if r.proxy_cpu_us is not None]
+        return statistics.median(values) if values else None
+
     def as_dict(self) -> dict[str, object]:
         return {
             "target": self.target,
@@ -215,6 +235,7 @@ class Cell:
             "spread_pct": round(spread_pct(self.runs), 1),
             "errors_total": sum(r.errors for r in self.runs),
             "paired_vs_haproxy": self.paired_vs_haproxy,
+            "proxy_cpu_us_per_request": self.cpu_us,
             "runs": [r.as_dict() for r in self.runs],
         }
 
@@ -244,6 +265,15 @@ def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str])
         return f"{value / base:.2f}" if base else "-"
 
     haproxy, direct = baseline("haproxy"), baseline("direct")
+    haproxy_cpu = {c.connections: c.cpu_us for c in cells if c.target == "haproxy"}
+
+    def cpu_columns(c: Cell) -> list[str]:
+        """CPU us per request, and HAProxy's divided by ours: the req/s ratio a saturated core would give."""
+        base = haproxy_cpu.get(c.connections)
+        if c.cpu_us is None:
+            return ["-", "-"]
+        return [f"{c.cpu_us:.1f}", f"{base / c.cpu_us:.2f}" if base else "-"]
+
     rows = []
     for c in cells:
         median = c.median
@@ -259,11 +289,12 @@ def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str])
                 ratio(median.requests_per_sec, haproxy.get(c.connections)),
                 "-" if c.paired_vs_haproxy is None else f"{c.paired_vs_haproxy:.2f}",
                 ratio(median.requests_per_sec, direct.get(c.connections)),
+                *cpu_columns(c),
             ]
         )
     headers = [
         "target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread",
-        "vs haproxy", "paired vs haproxy", "vs direct",
+        "vs haproxy", "paired vs haproxy", "vs direct", "cpu us/req", "cpu vs haproxy",
     ]  # fmt: skip
     text = format_table(headers, rows)
     for target, reason in skipped.items():
@@ -311,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"upstream FAILED to start: {err}")
             return 1
         log(f"upstream: {upstream.kind} on {upstream.address}")
-        urls: dict[str, str] = {}
+        urls: dict[str, Target] = {}
         for target in args.targets:
             tool = REQUIRED_TOOL.get(target)
             if tool and shutil.which(tool) is None:
@@ -319,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 urls[target] = STARTERS[target](services, workdir / target, upstream)
-                log(f"{target}: serving at {urls[target]}")
+                log(f"{target}: serving at {urls[target].url}")
             except ServiceError as err:
                 failures[target] = str(err)
                 log(f"{target} FAILED to start: {err}")

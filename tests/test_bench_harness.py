@@ -8,15 +8,17 @@ Req/Sec line uses k.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 
-from bench.harness import WrkResult, median_run, parse_wrk
+from bench.harness import WrkResult, cpu_seconds, median_run, parse_wrk
 from bench.run import paired_ratio
 
 NGINX_200 = """\
@@ -279,3 +281,13 @@ def test_paired_ratio_compares_runs_of_the_same_round(
 ) -> None:
     got = paired_ratio([run(r) for r in rates], [run(r) for r in base])
     assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_cpu_seconds_counts_this_process_work() -> None:
+    pid = os.getpid()
+    before = cpu_seconds(pid)
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    spent = cpu_seconds(pid) - before
+    assert 0.1 <= spent < 5.0  # clock ticks are 10 ms: 0.2 s of spinning shows up as about 0.2 s
