@@ -360,6 +360,18 @@ class Bgproxy:
         return f"http://127.0.0.1:{self.admin_port}"
 
 
+def interpreted_copy(directory: Path) -> Path:
+    """Copy the package's sources, without compiled modules, into directory; put it on PYTHONPATH.
+
+    PYTHONPATH comes before the editable install's finder, so a child started with it runs the
+    interpreted data plane: the BGPROXY_PURE=1 build, side by side with the installed one.
+    """
+    shutil.copytree(
+        REPO_ROOT / "bgproxy", directory / "bgproxy", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    return directory
+
+
 def bgproxy_executable() -> str:
     """The console script next to the running interpreter (the repo venv), else whatever is on PATH."""
     local = Path(sys.executable).parent / "bgproxy"
@@ -376,6 +388,7 @@ def start_bgproxy(
     metrics: bool = True,
     name: str = "bgproxy",
     core: int | None = PROXY_CORE,
+    pythonpath: Path | None = None,
 ) -> Bgproxy:
     """Write a config, start `bgproxy run`, and wait until the admin /healthz (or the proxy port) answers."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +407,8 @@ metrics: {{enabled: {"true" if metrics else "false"}}}
     )
     # BGPROXY_LISTEN would override our listen address; the container sets it, a developer shell might.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     argv = [bgproxy_executable(), "run", "--config", str(config)]
     service = services.start(name, argv, core, env=env, cwd=workdir)
     handle = Bgproxy(service, port, admin_port)

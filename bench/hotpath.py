@@ -12,6 +12,7 @@ variants are measured in the same minutes; runs alternate and the medians are co
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
@@ -19,11 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import uvloop
 
-from bench.harness import REPO_ROOT, format_table, log, run_main
+from bench.harness import REPO_ROOT, format_table, interpreted_copy, log, run_main
 from bgproxy.config import load_config
 from bgproxy.proxy import ClientConnection
 from bgproxy.router import Router
@@ -46,20 +48,21 @@ weights: {blue: 100, green: 0}
 """
 
 
-class MemoryTransport:
+class MemoryTransport(asyncio.Transport):
     """Just enough of an asyncio transport for the protocols: writes are kept, flow control is a no-op."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.out: list[bytes] = []
 
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out.append(bytes(data))
 
-    def writelines(self, data: list[bytes]) -> None:
-        self.out.extend(data)
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.out.extend(bytes(d) for d in data)
 
-    def get_extra_info(self, name: str) -> object:
-        return ("127.0.0.1", 50000) if name == "peername" else None
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 50000) if name == "peername" else default
 
     def pause_reading(self) -> None:
         pass
@@ -110,14 +113,6 @@ def measure_here(requests: int) -> float:
         return elapsed / requests * 1e6
 
     return uvloop.run(run())
-
-
-def interpreted_copy(tmp: Path) -> Path:
-    """The package's sources without any compiled module next to them."""
-    shutil.copytree(
-        REPO_ROOT / "bgproxy", tmp / "bgproxy", ignore=shutil.ignore_patterns("*.so", "__pycache__")
-    )
-    return tmp
 
 
 def one_run(pythonpath: Path | None, requests: int) -> tuple[float, bool]:

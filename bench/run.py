@@ -29,6 +29,7 @@ from bench.harness import (
     cpu_seconds,
     format_table,
     free_port,
+    interpreted_copy,
     log,
     median_run,
     pinning_available,
@@ -45,7 +46,7 @@ from bench.harness import (
 )
 
 OPTIONS = WrkOptions(per="cell", runs=3, quick_runs=1, output=REPO_ROOT / "bench" / "results" / "latest.json")
-TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics")
+TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics", "bgproxy-interpreted")
 
 # A target starter brings its proxy up in front of the upstream and returns the URL to load and the
 # proxy's pid (whose CPU time is read around each run), or None when there is no proxy.
@@ -114,11 +115,20 @@ def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> 
     return Target(url, service.proc.pid)
 
 
-def bgproxy_starter(metrics: bool) -> Starter:
+def bgproxy_starter(name: str, metrics: bool = True, interpreted: bool = False) -> Starter:
+    """bgproxy as installed, or from an interpreted copy of its sources (what mypyc buys, end to end)."""
+
     def start(services: Services, workdir: Path, upstream: Upstream) -> Target:
-        name = "bgproxy" if metrics else "bgproxy-nometrics"
+        workdir.mkdir(parents=True, exist_ok=True)
+        pythonpath = interpreted_copy(workdir / "src") if interpreted else None
         proxy = start_bgproxy(
-            services, workdir, [upstream.address], [upstream.address], metrics=metrics, name=name
+            services,
+            workdir,
+            [upstream.address],
+            [upstream.address],
+            metrics=metrics,
+            name=name,
+            pythonpath=pythonpath,
         )
         wait_serving(proxy.url, upstream.body, proxy.service)
         return Target(proxy.url, proxy.service.proc.pid)
@@ -130,8 +140,9 @@ STARTERS: dict[str, Starter] = {
     "direct": start_direct,
     "haproxy": start_haproxy,
     "nginx": start_nginx_proxy,
-    "bgproxy": bgproxy_starter(metrics=True),
-    "bgproxy-nometrics": bgproxy_starter(metrics=False),
+    "bgproxy": bgproxy_starter("bgproxy"),
+    "bgproxy-nometrics": bgproxy_starter("bgproxy-nometrics", metrics=False),
+    "bgproxy-interpreted": bgproxy_starter("bgproxy-interpreted", interpreted=True),
 }
 REQUIRED_TOOL = {"haproxy": "haproxy", "nginx": "nginx"}
 
