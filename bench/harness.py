@@ -91,8 +91,8 @@ def pin_load_client() -> bool:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (/proc/PID/stat), threads included.
 
-    CPU per request is the figure a shared box disturbs least: time the hypervisor steals slows a
-    proxy's req/s but is not billed to the proxy.
+    Around a wrk run it gives the proxy's CPU per request, and with req/s how busy its core was:
+    near 100% means the proxy was the bottleneck, so its req/s is its capacity on that core.
     """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted after comm
@@ -536,9 +536,15 @@ class WrkOptions:
         return args
 
 
-def run_wrk(url: str, connections: int, duration_s: int, core: int | None = LOAD_CORE) -> WrkResult:
-    """One single-threaded wrk run; killed if it outlives its duration by 15 s."""
+def run_wrk(
+    url: str, connections: int, duration_s: int, core: int | None = LOAD_CORE, proxy_pid: int | None = None
+) -> WrkResult:
+    """One single-threaded wrk run; killed if it outlives its duration by 15 s.
+
+    With proxy_pid, the result also carries that process's CPU per request during the run.
+    """
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "2s", "--latency", url]
+    cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     try:
         done = subprocess.run(
             pinned(argv, core), capture_output=True, text=True, timeout=duration_s + 15, check=False
@@ -547,7 +553,10 @@ def run_wrk(url: str, connections: int, duration_s: int, core: int | None = LOAD
         raise RuntimeError(f"wrk still running {err.timeout:.0f} s after start; killed") from None
     if done.returncode != 0:
         raise RuntimeError(f"wrk exited {done.returncode}: {done.stderr.strip() or done.stdout[-400:]}")
-    return parse_wrk(done.stdout)
+    result = parse_wrk(done.stdout)
+    if proxy_pid and result.requests:
+        result.proxy_cpu_us = (cpu_seconds(proxy_pid) - cpu_before) / result.requests * 1e6
+    return result
 
 
 def median_run(runs: Sequence[WrkResult]) -> WrkResult:

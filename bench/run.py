@@ -26,7 +26,6 @@ from bench.harness import (
     WrkOptions,
     WrkResult,
     bench_session,
-    cpu_seconds,
     format_table,
     free_port,
     interpreted_copy,
@@ -174,13 +173,8 @@ def measure(
     """One wrk run per target in order; a target whose run fails is reported and dropped from live."""
     results: dict[str, WrkResult] = {}
     for target in order:
-        pid = live[target].pid
         try:
-            before = cpu_seconds(pid) if pid else 0.0
-            result = run_wrk(live[target].url, connections, seconds)
-            if pid and result.requests:
-                result.proxy_cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
-            results[target] = result
+            results[target] = run_wrk(live[target].url, connections, seconds, proxy_pid=live[target].pid)
         except (RuntimeError, ValueError, OSError) as err:
             failures[target] = f"wrk at c={connections}: {err}"
             log(f"  {target} FAILED: {err}")
@@ -276,14 +270,12 @@ def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str])
         return f"{value / base:.2f}" if base else "-"
 
     haproxy, direct = baseline("haproxy"), baseline("direct")
-    haproxy_cpu = {c.connections: c.cpu_us for c in cells if c.target == "haproxy"}
 
     def cpu_columns(c: Cell) -> list[str]:
-        """CPU us per request, and HAProxy's divided by ours: the req/s ratio a saturated core would give."""
-        base = haproxy_cpu.get(c.connections)
+        """CPU per request, and how busy that made the proxy's core (req/s x CPU per request)."""
         if c.cpu_us is None:
             return ["-", "-"]
-        return [f"{c.cpu_us:.1f}", f"{base / c.cpu_us:.2f}" if base else "-"]
+        return [f"{c.cpu_us:.1f}", f"{c.cpu_us * c.median.requests_per_sec / 1e4:.0f}%"]
 
     rows = []
     for c in cells:
@@ -305,7 +297,7 @@ def render(cells: list[Cell], failures: dict[str, str], skipped: dict[str, str])
         )
     headers = [
         "target", "conns", "req/s", "p50 ms", "p99 ms", "errors", "spread",
-        "vs haproxy", "paired vs haproxy", "vs direct", "cpu us/req", "cpu vs haproxy",
+        "vs haproxy", "paired vs haproxy", "vs direct", "cpu us/req", "core busy",
     ]  # fmt: skip
     text = format_table(headers, rows)
     for target, reason in skipped.items():
