@@ -305,6 +305,7 @@ class Timeouts(_Section):
     client_header: Duration = 10.0
     idle: Duration = 60.0
     upstream_idle: Duration = 20.0
+    stream_idle: Duration | None = 300.0
 
 
 class Limits(_Section):

@@ -200,7 +200,8 @@ class Exchange:
             self.pending = []
         else:
             transport.write(self.head)
-        conn.deadline.arm_at(self.started + conn.header_timeout)
+        if self.request_done:  # else the wait for the answer starts once the body is all sent
+            conn.deadline.arm_at(self.started + conn.header_timeout)
         self.client.resume(_WAIT)
 
     def request_body(self, body: bytes) -> None:
@@ -221,11 +222,15 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
+        conn = self.conn
         if self.chunked:
-            if self.conn is not None:
-                self.conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            if conn is not None:
+                conn.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
             else:
                 self.pending.append(LAST_CHUNK)
+        if conn is not None and self.has_body and not self.response_started:
+            # Like Envoy's route timeout: a long upload does not eat into the wait for the answer.
+            conn.deadline.arm(conn.header_timeout)
 
     # -- response side ----------------------------------------------------------------------------
     def response_head(self, conn: UpstreamConnection, status: int, upstream_keep_alive: bool) -> None:
@@ -244,14 +249,15 @@ class Exchange:
             elif not self.http10:
                 client.send(interim_head(status, conn.reason, conn.headers))
             return
-        conn.deadline.when = 0.0  # disarm
         router = self.router
+        now = router.loop.time()
+        self.stream_progress(conn, now)  # the header deadline becomes the body's inactivity deadline
         up = conn.upstream
         if status >= 500:
             router.health.failed(up)
         elif up.failures:
             up.failures = 0
-        self.cstats.upstream_header(router.loop.time() - self.started)
+        self.cstats.upstream_header(now - self.started)
         self.status = status
         keep = (
             self.keep_alive
@@ -276,6 +282,23 @@ class Exchange:
             # connection a fresh parser, or it would wait for a body that never comes.
             conn.reset_parser = True
             self.response_complete(conn, upstream_keep_alive)
+
+    def stream_progress(self, conn: UpstreamConnection, now: float) -> None:
+        """The upstream sent part of the response: it may now stay silent for stream_idle, no longer."""
+        idle = self.router.stream_idle_timeout
+        if idle and not self.client.write_paused and self.tunnel is None:  # tunnels have no such limit
+            conn.deadline.arm_at(now + idle)
+        else:
+            conn.deadline.disarm()  # off, or the client is not reading: its pace is not the upstream's
+
+    def upstream_timed_out(self, conn: UpstreamConnection) -> None:
+        if self.response_started:
+            idle = self.router.stream_idle_timeout
+            self.upstream_failed(conn, "stream_idle_timeout", f"sent nothing for {idle:g}s mid-response")
+        else:
+            self.upstream_failed(
+                conn, "response_timeout", f"sent no response head within {conn.header_timeout:g}s"
+            )
 
     def response_body(self, body: bytes) -> None:
         if self.framing == ResponseFraming.CHUNKED:
@@ -546,12 +569,16 @@ class ClientConnection:
         ex = self.current
         if ex is not None and ex.conn is not None:
             ex.conn.transport.pause_reading()  # type: ignore[union-attr]
+            if ex.response_started:
+                ex.stream_progress(ex.conn, 0.0)  # disarms: a slow reader is not a silent upstream
 
     def resume_writing(self) -> None:
         self.write_paused = False
         ex = self.current
         if ex is not None and ex.conn is not None:
             ex.conn.transport.resume_reading()  # type: ignore[union-attr]
+            if ex.response_started:
+                ex.stream_progress(ex.conn, self.router.loop.time())
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:

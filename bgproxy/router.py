@@ -43,6 +43,7 @@ class Router:
         t = config.timeouts
         self.connect_timeout = t.connect
         self.upstream_header_timeout = t.upstream_header
+        self.stream_idle_timeout = t.stream_idle or 0.0  # 0.0: off
         self.client_header_timeout = t.client_header
         self.idle_timeout = t.idle
         self.upstream_idle = t.upstream_idle

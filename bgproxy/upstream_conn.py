@@ -42,7 +42,8 @@ class UpstreamConnection:
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop, header_timeout: float) -> None:
         self.upstream = upstream
         self.header_timeout = header_timeout
-        self.deadline = Deadline(loop, self._timed_out)  # armed while we wait for a response head
+        # Armed while we wait for a response head, then while a response body streams.
+        self.deadline = Deadline(loop, self._timed_out)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
@@ -68,6 +69,8 @@ class UpstreamConnection:
             self.upstream.forget(self)
             return
         ex.got_response_bytes = True
+        if ex.response_started:  # more of a streaming body
+            ex.stream_progress(self, ex.router.loop.time())
         client = ex.client
         client.hold_writes()
         try:
@@ -139,9 +142,7 @@ class UpstreamConnection:
 
     def _timed_out(self) -> None:
         if self.ex is not None:
-            self.ex.upstream_failed(
-                self, "response_timeout", f"sent no response head within {self.header_timeout:g}s"
-            )
+            self.ex.upstream_timed_out(self)
 
     # -- used by the exchange ---------------------------------------------------------------------
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from upstreams import (
     recording_server,
     reset_before_headers_server,
     silent_server,
+    stall_after_headers_server,
 )
 
 SMUGGLING = {
@@ -210,3 +212,85 @@ async def test_stalled_request_body_gets_408_and_frees_the_upstream(make_proxy) 
         assert upstream.received.endswith(b"x" * 10)  # streamed as it came...
     assert resp.status == 408  # ...and given up once the client went quiet
     assert b"stalled" in resp.body
+
+
+async def test_slow_upload_does_not_eat_into_the_upstream_header_timeout(make_proxy) -> None:
+    """The wait for an answer starts once the whole request is sent (Envoy's route timeout does too)."""
+    async with origin("blue") as blue:
+        proxy = await make_proxy([blue.addr], timeouts={"upstream_header": 0.3, "idle": 2})
+        client = await RawClient.connect(proxy.port)
+        try:
+            await client.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 80\r\n\r\n")
+            for _ in range(8):  # 8 x 0.1 s: well past upstream_header, each piece within `idle`
+                await asyncio.sleep(0.1)
+                await client.send(b"y" * 10)
+            [resp] = await client.responses(timeout=3)
+        finally:
+            await client.close()
+    assert resp.status == 200
+    assert b'"len": 80' in resp.body
+
+
+async def test_upstream_silent_after_a_slow_upload_gives_504_counted_from_its_end(make_proxy) -> None:
+    async with silent_server() as upstream:
+        proxy = await make_proxy([upstream.addr], timeouts={"upstream_header": 0.3, "idle": 2})
+        loop = asyncio.get_running_loop()
+        client = await RawClient.connect(proxy.port)
+        try:
+            await client.send(b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\n\r\n")
+            for _ in range(4):
+                await asyncio.sleep(0.15)
+                await client.send(b"z" * 10)
+            sent = loop.time()
+            [resp] = await client.responses(timeout=3)
+            waited = loop.time() - sent
+        finally:
+            await client.close()
+        assert upstream.received.endswith(b"z" * 40)
+    assert resp.status == 504
+    assert 0.25 < waited < 1.5
+
+
+async def test_stream_idle_timeout_cuts_a_response_body_the_upstream_stopped_sending(make_proxy) -> None:
+    async with stall_after_headers_server() as upstream:
+        proxy = await make_proxy([upstream.addr], timeouts={"stream_idle": 0.3})
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        [resp] = await exchange(proxy.port, b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        elapsed = loop.time() - t0
+    assert resp.status == 200
+    assert not resp.complete and len(resp.body) == 10  # cut, never passed off as complete
+    assert 0.25 < elapsed < 2
+    errors = proxy.app.stats.colors["blue"].upstream_errors
+    assert errors == {(upstream.addr, "stream_idle_timeout"): 1}
+
+
+async def test_stream_idle_timeout_off_leaves_a_quiet_body_open(make_proxy) -> None:
+    async with stall_after_headers_server() as upstream:
+        proxy = await make_proxy([upstream.addr], timeouts={"stream_idle": None})
+        client = await RawClient.connect(proxy.port)
+        try:
+            await client.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                await client.responses(timeout=0.8)
+            assert not client.closed
+        finally:
+            await client.close()
+    assert proxy.app.stats.colors["blue"].upstream_errors == {}
+
+
+async def test_stream_idle_timeout_does_not_count_a_client_that_is_not_reading(make_proxy) -> None:
+    """Backpressure stops reading the upstream; that silence is the client's doing, not the upstream's."""
+    size = 32 * 1024 * 1024
+    async with origin("blue") as blue:
+        proxy = await make_proxy([blue.addr], timeouts={"stream_idle": 0.3})
+        client = await RawClient.connect(proxy.port)
+        try:
+            await client.send(f"GET /bytes/{size} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            await asyncio.sleep(1.2)  # buffers fill up, the proxy pauses the upstream, nobody moves
+            [resp] = await client.responses(timeout=20)
+        finally:
+            await client.close()
+    assert resp.status == 200 and resp.complete
+    assert hashlib.sha256(resp.body).hexdigest() == resp.header("x-sha256")
+    assert proxy.app.stats.colors["blue"].upstream_errors == {}

@@ -330,6 +330,21 @@ class CutAfterHeadersServer(RawServer):
         await writer.drain()
 
 
+class StallAfterHeadersServer(RawServer):
+    """Sends a head and part of the body, then goes silent with the connection open."""
+
+    async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + pattern_bytes(10))
+        await writer.drain()
+        while await reader.read(PIECE):  # silent until the proxy gives up and closes
+            pass
+
+
+def stall_after_headers_server() -> StallAfterHeadersServer:
+    return StallAfterHeadersServer()
+
+
 def recording_server() -> RecordingServer:
     return RecordingServer()
 
