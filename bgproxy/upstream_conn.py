@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
 
 
+class ResponseHeadTooLarge(Exception):
+    """Raised from a parser callback: the response head outgrew limits.max_header_bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
 class UpstreamConnection:
     """Parses responses from one upstream and hands them to the exchange it serves.
 
@@ -27,6 +35,7 @@ class UpstreamConnection:
         "closed",
         "deadline",
         "ex",
+        "head_bytes",
         "header_timeout",
         "headers",
         "idle_since",
@@ -51,6 +60,7 @@ class UpstreamConnection:
         self.closed = False
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
+        self.head_bytes = 0  # status line and headers of the response being parsed
         self.reset_parser = False  # after a response to HEAD: llhttp would wait for a body
         self.served = 0  # exchanges served; >0 means a reused connection (stale-race retry)
         self.tunnel: Tunnel | None = None
@@ -79,10 +89,13 @@ class UpstreamConnection:
             client.flush()  # the 101 goes out before any tunneled byte
             ex.upgraded(self, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            if self.ex is not None:
-                self.ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
-            else:
+            if self.ex is None:
                 self.close()
+            elif isinstance(exc.__context__, ResponseHeadTooLarge):
+                why = f"sent a response head larger than {exc.__context__.limit} bytes"
+                self.ex.upstream_failed(self, "response_head_too_large", why)
+            else:
+                self.ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
         finally:
             client.flush()
         if self.reset_parser:
@@ -116,12 +129,22 @@ class UpstreamConnection:
     def on_message_begin(self) -> None:
         self.headers = []
         self.reason = b""
+        self.head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
+        self._count_head(len(status))
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         self.headers.append((name, value))
+
+    def _count_head(self, n: int) -> None:
+        """Bound what an upstream can make us hold: limits.max_header_bytes applies to responses too."""
+        self.head_bytes += n
+        ex = self.ex
+        if ex is not None and self.head_bytes > ex.router.max_header_bytes:
+            raise ResponseHeadTooLarge(ex.router.max_header_bytes)
 
     def on_headers_complete(self) -> None:
         ex = self.ex

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from rawclient import RawClient, exchange
 from upstreams import (
+    BigHeadServer,
     closed_port,
     cut_after_headers_server,
     origin,
@@ -294,3 +295,18 @@ async def test_stream_idle_timeout_does_not_count_a_client_that_is_not_reading(m
     assert resp.status == 200 and resp.complete
     assert hashlib.sha256(resp.body).hexdigest() == resp.header("x-sha256")
     assert proxy.app.stats.colors["blue"].upstream_errors == {}
+
+
+@pytest.mark.parametrize(("head_kib", "status"), [(40, 200), (100, 502)])
+async def test_response_head_is_bounded_by_max_header_bytes(make_proxy, head_kib: int, status: int) -> None:
+    """An upstream cannot make the proxy hold an unbounded head: over limits.max_header_bytes is a 502."""
+    async with BigHeadServer(head_kib * 1024) as upstream:
+        proxy = await make_proxy([upstream.addr], limits={"max_header_bytes": 65536})
+        [resp] = await exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert resp.status == status
+    if status == 200:
+        assert resp.body == b"ok" and len(resp.header_names()) > 30
+    else:
+        assert b"response head larger than 65536 bytes" in resp.body
+        errors = proxy.app.stats.colors["blue"].upstream_errors
+        assert errors == {(upstream.addr, "response_head_too_large"): 1}

@@ -341,6 +341,22 @@ class StallAfterHeadersServer(RawServer):
             pass
 
 
+class BigHeadServer(RawServer):
+    """Answers with `header_bytes` of X-Filler headers (1 KiB each) and a small body."""
+
+    def __init__(self, header_bytes: int) -> None:
+        super().__init__()
+        self.header_bytes = header_bytes
+
+    async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._read_head(reader)
+        filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(self.header_bytes // 1024))
+        writer.write(b"HTTP/1.1 200 OK\r\n" + filler + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        while await reader.read(PIECE):
+            pass
+
+
 def stall_after_headers_server() -> StallAfterHeadersServer:
     return StallAfterHeadersServer()
 
