@@ -570,7 +570,7 @@ class ClientConnection:
         if ex is not None and ex.conn is not None:
             ex.conn.transport.pause_reading()  # type: ignore[union-attr]
             if ex.response_started:
-                ex.stream_progress(ex.conn, 0.0)  # disarms: a slow reader is not a silent upstream
+                ex.conn.deadline.disarm()  # stream_idle: a slow reader is not a silent upstream
 
     def resume_writing(self) -> None:
         self.write_paused = False
