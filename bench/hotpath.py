@@ -121,8 +121,8 @@ def one_run(pythonpath: Path | None, requests: int) -> tuple[float, bool]:
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     code = (
-        "import bgproxy.proxy as p, bench.hotpath as h; "
-        f"print(h.measure_here({requests}), not p.__file__.endswith('.py'))"
+        "from bgproxy.app import dataplane_build; import bench.hotpath as h; "
+        f"print(h.measure_here({requests}), dataplane_build() == 'mypyc')"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],

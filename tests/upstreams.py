@@ -291,10 +291,14 @@ class RawServer:
             head += chunk
             self._received += chunk
 
-    async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Default: record everything and never answer."""
+    async def _record_until_eof(self, reader: asyncio.StreamReader) -> None:
+        """Stay silent with the connection open, recording, until the proxy closes its side."""
         while chunk := await reader.read(PIECE):
             self._received += chunk
+
+    async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Default: record everything and never answer."""
+        await self._record_until_eof(reader)
 
     async def __aenter__(self) -> RawServer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -330,15 +334,12 @@ class CutAfterHeadersServer(RawServer):
         await writer.drain()
 
 
-class StallAfterHeadersServer(RawServer):
-    """Sends a head and part of the body, then goes silent with the connection open."""
+class StallAfterHeadersServer(CutAfterHeadersServer):
+    """Sends what CutAfterHeadersServer sends, then goes silent with the connection open."""
 
     async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + pattern_bytes(10))
-        await writer.drain()
-        while await reader.read(PIECE):  # silent until the proxy gives up and closes
-            pass
+        await super().behave(reader, writer)
+        await self._record_until_eof(reader)
 
 
 class BigHeadServer(RawServer):
@@ -353,8 +354,7 @@ class BigHeadServer(RawServer):
         filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 1000) for i in range(self.header_bytes // 1024))
         writer.write(b"HTTP/1.1 200 OK\r\n" + filler + b"Content-Length: 2\r\n\r\nok")
         await writer.drain()
-        while await reader.read(PIECE):
-            pass
+        await self._record_until_eof(reader)
 
 
 def stall_after_headers_server() -> StallAfterHeadersServer:
