@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed
 
 # Any source change reinstalls: the editable install compiles the data plane with mypyc in place,
 # and a compiled module would otherwise shadow the edited .py (BGPROXY_PURE=1 skips compiling).
-$(STAMP): pyproject.toml setup.py $(wildcard bgproxy/*.py)
+SOURCES := $(shell find bgproxy -name '*.py')
+
+$(STAMP): pyproject.toml setup.py $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	bash .ci/build-deps $(BIN)/python
-	rm -f bgproxy/*.so *__mypyc*.so
+	find bgproxy -name '*.so' -delete; rm -f *__mypyc*.so
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -23,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check bgproxy tests bench setup.py
 	$(BIN)/ruff format --check bgproxy tests bench setup.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: $(STAMP) lint
 	bash .ci/system-deps
@@ -33,4 +36,5 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache bgproxy/*.so *__mypyc*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache *__mypyc*.so
+	find bgproxy -name '*.so' -delete

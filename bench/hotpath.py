@@ -12,7 +12,6 @@ variants are measured in the same minutes; runs alternate and the medians are co
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import statistics
@@ -20,80 +19,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import uvloop
 
 from bench.harness import REPO_ROOT, format_table, interpreted_copy, log, run_main
-from bgproxy.config import load_config
-from bgproxy.proxy import ClientConnection
-from bgproxy.router import Router
-from bgproxy.stats import Stats
-from bgproxy.switching import Switchboard, Weights
-from bgproxy.upstream_conn import UpstreamConnection
+from bench.memory import client_connection, make_runtime, pooled_connection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 01:00:00 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nhello, world\n"
 )
-CONFIG = """\
-listen: 127.0.0.1:8080
-admin: {listen: 127.0.0.1:9901}
-pools:
-  blue: {upstreams: ["127.0.0.1:9001"]}
-  green: {upstreams: ["127.0.0.1:9002"]}
-weights: {blue: 100, green: 0}
-"""
-
-
-class MemoryTransport(asyncio.Transport):
-    """Just enough of an asyncio transport for the protocols: writes are kept, flow control is a no-op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out.append(bytes(data))
-
-    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.out.extend(bytes(d) for d in data)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 50000) if name == "peername" else default
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
 
 
 def measure_here(requests: int) -> float:
     """Microseconds per request for whichever bgproxy this interpreter imports."""
 
     async def run() -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "bgproxy.yaml"
-            path.write_text(CONFIG)
-            cfg = load_config(path, environ={})
-        stats = Stats(cfg.metrics.latency_buckets)
-        router = Router(cfg, Switchboard(Weights(100, 0), drain_timeout=30), stats)
-        upstream = router.pools["blue"].upstreams[0]
-        uconn = UpstreamConnection(upstream, router.loop, 30.0)
-        utransport, ctransport = MemoryTransport(), MemoryTransport()
-        uconn.connection_made(utransport)
-        upstream.give_back(uconn, router.loop.time())
-        client = ClientConnection(router)
-        client.connection_made(ctransport)
+        runtime = make_runtime()
+        stats = runtime.stats
+        uconn, utransport = pooled_connection(runtime, "blue")
+        client, ctransport = client_connection(runtime)
 
         def batch(n: int) -> None:
             for _ in range(n):

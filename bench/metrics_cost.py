@@ -38,7 +38,7 @@ from bench.harness import (
     wrk_ready,
 )
 from bgproxy.config import MetricsConfig
-from bgproxy.stats import Stats
+from bgproxy.dataplane.stats import Stats
 
 OPTIONS = WrkOptions(
     per="variant", runs=5, quick_runs=2, output=REPO_ROOT / "bench" / "results" / "metrics_cost.json"

@@ -1,4 +1,8 @@
-"""Process wiring: the proxy listener, the switching state, the housekeeping timers."""
+"""Process wiring: builds the four layers from a config, starts the listeners, stops them.
+
+core (decisions) <- dataplane (traffic) <- control (the only writer of switch state) <- admin (API)
+<- this module and the CLI. Nothing below reaches up; this is where the pieces meet.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,25 @@ import contextlib
 import ipaddress
 import logging
 import time
+from functools import partial
 from typing import cast
 
 from aiohttp import web
 
-from . import proxy
-from .admin import build_admin_app
+from .admin.server import build_admin_app
 from .config import Config, ConfigError
-from .control import Controller
-from .drain import Drainer
-from .proxy import ClientConnection
-from .router import Router
-from .state_store import PersistedState, StateStore
-from .stats import Stats
-from .switching import COLORS, Switchboard, SwitchError, SwitchResult, Weights
+from .control.configure import color_pools, dataplane_settings, outlier_policy
+from .control.controller import Controller, route_table
+from .control.drain import Drainer
+from .control.health import HealthMonitor, readiness, refuse_dead_colors
+from .control.state import FileStateBackend, PersistedState, StateBackend
+from .core.colors import COLORS
+from .core.switchboard import Switchboard
+from .core.weights import Weights
+from .dataplane import client
+from .dataplane.client import ClientConnection
+from .dataplane.runtime import Runtime
+from .dataplane.stats import Stats
 
 log = logging.getLogger("bgproxy")
 
@@ -30,11 +39,26 @@ def dataplane_build() -> str:
 
     Logged at start: the two behave the same, but an operator comparing throughput needs to know.
     """
-    return "interpreted" if (proxy.__file__ or "").endswith(".py") else "mypyc"
+    return "interpreted" if (client.__file__ or "").endswith(".py") else "mypyc"
+
+
+class _Started:
+    """What exists only while the process runs: it needs the event loop."""
+
+    def __init__(
+        self, runtime: Runtime, health: HealthMonitor, drainer: Drainer, controller: Controller
+    ) -> None:
+        self.runtime = runtime
+        self.health = health
+        self.drainer = drainer
+        self.controller = controller
 
 
 class App:
-    """One running bgproxy: start() binds the listeners, stop() closes everything."""
+    """One running bgproxy: start() binds the listeners, stop() closes everything.
+
+    Once started it is the admin side's read model (admin.readmodel.Process).
+    """
 
     def __init__(self, config: Config, *, reset_state: bool = False) -> None:
         """``reset_state``: ignore the state file (even a corrupt one) and seed it from the config."""
@@ -45,42 +69,49 @@ class App:
             drain_timeout=config.drain_timeout,
             updated_at=time.time(),
         )
-        self.state_store = StateStore(config.state_file)
+        self.state_store: StateBackend = FileStateBackend(config.state_file)
         self._reset_state = reset_state
-        self.controller = Controller(self.switchboard, self.state_store, drain_timeout=config.drain_timeout)
-        self.controller.observers.append(self._on_switch)
-        self.controller.guard = self._refuse_dead_colors
         metrics = config.metrics
         self.stats = Stats(
             metrics.latency_buckets, enabled=metrics.enabled, error_window=metrics.error_window
         )
-        self.router: Router | None = None
-        self.drainer: Drainer | None = None
+        self._started: _Started | None = None
         self._server: asyncio.Server | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._admin_site: web.TCPSite | None = None
         self.shutting_down = False
         self._stopped = False
 
+    # -- the read model (admin.readmodel.Process) -----------------------------------------------------
     @property
-    def admin_port(self) -> int:
-        assert self._admin_runner is not None
-        addrs = self._admin_runner.addresses
-        return int(addrs[0][1])
+    def started(self) -> _Started:
+        assert self._started is not None, "App.start() has not run"
+        return self._started
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.started.runtime
+
+    @property
+    def controller(self) -> Controller:
+        return self.started.controller
+
+    @property
+    def drainer(self) -> Drainer:
+        return self.started.drainer
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to take traffic, and why not (for /readyz)."""
         if self.shutting_down:
             return False, "shutting down"
-        router = self.router
-        if router is None:
+        if self._started is None:
             return False, "starting"
-        weights = self.switchboard.weights
-        live = [color for color in router.pools if weights.of(color)]  # type: ignore[arg-type]
-        if not any(router.pools[color].serving for color in live):
-            return False, f"no healthy upstream for live traffic ({', '.join(live)})"
-        return True, "serving"
+        return readiness(self._started.runtime.pools, self.switchboard.weights)
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin_runner is not None
+        return int(self._admin_runner.addresses[0][1])
 
     @property
     def proxy_port(self) -> int:
@@ -88,7 +119,7 @@ class App:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _restore_state(self) -> None:
-        """The state file wins over the config, whose weights only seed a missing file.
+        """The saved state wins over the config, whose weights only seed a missing one.
 
         Raises StateFileError for a corrupt or unwritable file: guessing could route to the wrong color.
         """
@@ -99,51 +130,52 @@ class App:
         if self._reset_state:
             log.warning(
                 "state file reset: seeding it from the config's weights",
-                extra={"state_file": str(self.state_store.path)},
+                extra={"state_file": self.state_store.where},
             )
         board = self.switchboard
         # Written now, so an unwritable state file stops the start instead of failing the first flip.
         self.state_store.save(PersistedState(board.weights, board.version, board.updated_at))
 
-    def _refuse_dead_colors(self, before: Weights, after: Weights) -> None:
-        """Controller guard: no weight goes to a color that has no healthy upstream to take it."""
-        if self.router is None:
-            return
-        for color in COLORS:
-            if after.of(color) > before.of(color):
-                pool = self.router.pools[color]
-                if not pool.serving:
-                    down = ", ".join(up.addr for up in pool.upstreams) or "none configured"
-                    raise SwitchError(
-                        f"{color} has no healthy upstream (down: {down}); nothing changed. "
-                        'Send "force": true to apply anyway.'
-                    )
-
-    def _on_switch(self, result: SwitchResult) -> None:
-        """Controller observer: start or cancel drains for colors that lost or regained weight."""
-        if self.drainer is not None:
-            self.drainer.on_switch(result)
-
     async def start(self) -> None:
         self._restore_state()
+        config = self.config
         loop = asyncio.get_running_loop()
-        router = self.router = Router(self.config, self.switchboard, self.stats)
-        self.drainer = Drainer(router, self.switchboard)
-        router.health.start()
-        listen = self.config.listen
+        pools = color_pools(config)
+        health = HealthMonitor(
+            pools,
+            checks={c: config.pools.get(c).health_check for c in COLORS},
+            policies={c: outlier_policy(config, c) for c in COLORS},
+        )
+        runtime = Runtime(
+            dataplane_settings(config), pools, self.stats, route_table(self.switchboard), health
+        )
+        drainer = Drainer(runtime, self.switchboard)
+        controller = Controller(
+            self.switchboard,
+            self.state_store,
+            runtime,
+            drainer,
+            drain_timeout=config.drain_timeout,
+            guard=partial(refuse_dead_colors, pools),
+        )
+        self._started = _Started(runtime, health, drainer, controller)
+        health.start()
+        listen = config.listen
         self._server = await loop.create_server(
-            lambda: cast(asyncio.Protocol, ClientConnection(router)),
+            lambda: cast(asyncio.Protocol, ClientConnection(runtime)),
             listen.host,
             listen.port,
             reuse_address=True,
             backlog=4096,
         )
         self._housekeeping = loop.create_task(self._tick())
-        admin = self.config.admin.listen
-        self._admin_runner = web.AppRunner(build_admin_app(self), access_log=None, handle_signals=False)
+        admin = config.admin
+        self._admin_runner = web.AppRunner(
+            build_admin_app(self, admin.tokens), access_log=None, handle_signals=False
+        )
         await self._admin_runner.setup()
-        self._admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port, reuse_address=True)
-        await self._admin_site.start()
+        site = web.TCPSite(self._admin_runner, admin.listen.host, admin.listen.port, reuse_address=True)
+        await site.start()
         log.info(
             "bgproxy listening",
             extra={
@@ -157,8 +189,7 @@ class App:
         """Once a second: expire idle upstream connections."""
         while True:
             await asyncio.sleep(1.0)
-            if self.router is not None:
-                self.router.expire_idle()
+            self.runtime.expire_idle()
 
     async def shutdown(self) -> None:
         """Graceful stop: unready at once, accept nothing new, let exchanges finish, then stop.
@@ -169,8 +200,8 @@ class App:
         log.info("shutting down", extra={"within": self.config.shutdown_timeout})
         if self._server is not None:
             self._server.close()
-        if self.drainer is not None:
-            await self.drainer.shutdown(self.config.shutdown_timeout)
+        if self._started is not None:
+            await self._started.drainer.shutdown(self.config.shutdown_timeout)
         await self.stop()
 
     async def stop(self) -> None:
@@ -187,11 +218,12 @@ class App:
                 await self._housekeeping
         if self._server is not None:
             self._server.close()
-        if self.router is not None:
-            await self.router.health.stop()
-            for conn in list(self.router.connections):
+        started = self._started
+        if started is not None:
+            await started.health.stop()
+            for conn in list(started.runtime.connections):
                 conn.abort()
-            for pool in self.router.pools.values():
+            for pool in started.runtime.pools.values():
                 pool.close_idle()
         if self._server is not None:
             await self._server.wait_closed()

@@ -23,9 +23,9 @@ import uvloop
 
 from .app import App
 from .config import Config, ConfigError, HostPort, dump_config, load_config
+from .control.state import StateFileError
 from .demo import banner, start_demo_upstreams
 from .logs import setup_logging
-from .state_store import StateFileError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -85,7 +85,7 @@ def _second_signal_exits(stop: asyncio.Event) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    setup_logging(config.logging)
+    setup_logging(config.logging.format, config.logging.level)
     try:
         uvloop.run(_serve(config, demo=args.command == "demo", reset_state=args.reset_state))
     except ConfigError as exc:

@@ -29,8 +29,12 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
+from .core.address import host_port
+from .core.colors import COLORS
+from .core.weights import check_some_traffic
+from .validation import describe
+
 __all__ = [
-    "COLORS",
     "AdminConfig",
     "Config",
     "ConfigError",
@@ -45,13 +49,11 @@ __all__ = [
     "PoolConfig",
     "Pools",
     "Timeouts",
-    "Weights",
+    "WeightsConfig",
     "dump_config",
     "load_config",
     "parse_duration",
 ]
-
-COLORS = ("blue", "green")
 
 # ---------------------------------------------------------------------------------------------- addresses
 
@@ -63,7 +65,7 @@ class HostPort(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @classmethod
     def parse(cls, text: str, what: str = "address") -> "HostPort":
@@ -288,14 +290,13 @@ class Pools(_Section):
         raise ValueError(f"unknown color {color!r}: expected one of {', '.join(COLORS)}")
 
 
-class Weights(_Section):
+class WeightsConfig(_Section):
     blue: StrictInt = Field(default=100, ge=0)
     green: StrictInt = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _someone_gets_traffic(self) -> Self:
-        if self.blue == 0 and self.green == 0:
-            raise ValueError("both weights are 0: no color would get traffic")
+        check_some_traffic(self.blue, self.green)
         return self
 
 
@@ -359,7 +360,7 @@ class Config(_Section):
     listen: HostPort = HostPort("127.0.0.1", 8080)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     pools: Pools
-    weights: Weights = Field(default_factory=Weights)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     drain_timeout: Duration = 30.0
     shutdown_timeout: Duration = 30.0
     state_file: Path = Path("bgproxy-state.json")
@@ -368,10 +369,6 @@ class Config(_Section):
     forwarding: Forwarding = Field(default_factory=Forwarding)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-
-    def color_pool(self, color: str) -> PoolConfig:
-        """Shortcut for ``pools.get(color)``."""
-        return self.pools.get(color)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -407,28 +404,6 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than_equal": "must be <= {le}",
-    "int_type": "must be a whole number",
-    "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "finite_number": "must be a finite number",
-    "bool_type": "must be true or false",
-    "bool_parsing": "must be true or false",
-    "string_type": "must be a string",
-    "literal_error": "must be {expected}",
-    "list_type": "must be a list",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "path_type": "must be a file path",
-}
-
 _SECRET_TOKENS_LOC = ("admin", "tokens")
 
 
@@ -438,14 +413,6 @@ def _got(value: Any, secret: bool = False) -> str:
         return f"<secret, {len(value)} characters>"
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _message(error: ErrorDetails) -> str:
-    ctx = error.get("ctx", {})
-    if error["type"] == "value_error":
-        return str(ctx["error"])
-    template = _MESSAGES.get(error["type"])
-    return template.format(**ctx) if template else error["msg"]
 
 
 def _env_overrides(
@@ -503,7 +470,7 @@ def _env_overrides(
 
 def _problem_line(path: str, error: ErrorDetails, origin: Mapping[tuple[str, ...], str]) -> str:
     loc = tuple(str(part) for part in error["loc"])
-    message = _message(error)
+    message = describe(error)
     secret = loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3
     got = "" if error["type"] == "missing" else f" (got {_got(error['input'], secret)})"
     for prefix, variable in origin.items():

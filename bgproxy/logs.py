@@ -8,8 +8,6 @@ import sys
 import time
 from typing import Any
 
-from .config import LoggingConfig
-
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}  # set by Formatter.format
 
 
@@ -46,35 +44,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(cfg: LoggingConfig) -> None:
+def setup_logging(fmt: str, level: str) -> None:
+    """Log to stderr in ``fmt`` ("text" or "json") at ``level`` (logging.level in the config)."""
     handler = logging.StreamHandler(sys.stderr)
-    if cfg.format == "json":
+    if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("bgproxy")
     root.handlers[:] = [handler]
-    root.setLevel(cfg.level.upper())
+    root.setLevel(level.upper())
     root.propagate = False
-
-
-class Throttled:
-    """Logs a recurring event at most once per interval per key, saying how many it held back.
-
-    An upstream outage fails thousands of requests a second; one line a second per upstream and
-    reason says the same without drowning the log (the metrics keep the exact counts).
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
-
-    def warning(self, key: tuple[str, ...], msg: str, **fields: Any) -> None:
-        now = time.monotonic()
-        last, held = self._seen.get(key, (-self._interval, 0))
-        if now - last < self._interval:
-            self._seen[key] = (last, held + 1)
-            return
-        self._seen[key] = (now, 0)
-        self._logger.warning(msg, extra={**fields, "suppressed": held})

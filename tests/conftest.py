@@ -26,9 +26,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test stale compiled modules: a .so older than its .py would shadow the edit."""
     package = Path(__file__).parent.parent / "bgproxy"
     stale = [
-        so.name
-        for so in package.glob("*.so")
-        if so.stat().st_mtime < (package / f"{so.name.split('.')[0]}.py").stat().st_mtime
+        str(so.relative_to(package))
+        for so in package.rglob("*.so")
+        if so.stat().st_mtime < (so.parent / f"{so.name.split('.')[0]}.py").stat().st_mtime
     ]
     if stale:
         pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; run `make test`", 2)

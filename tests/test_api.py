@@ -18,7 +18,7 @@ from upstreams import Origin, origin
 
 from bgproxy.app import App
 from bgproxy.config import ConfigError, load_config
-from bgproxy.state_store import StateStore
+from bgproxy.control.state import FileStateBackend
 
 TOKEN_OPS = "ops-token-0123456789abcdef"
 TOKEN_CI = "ci-token-0123456789abcdefgh"
@@ -234,9 +234,7 @@ async def test_flip_closes_idle_connections_of_the_old_color(
     admin: Admin, http: aiohttp.ClientSession
 ) -> None:
     assert await color_of(http, admin.proxy) == "blue"
-    router = admin.proxy.app.router
-    assert router is not None
-    [blue_upstream] = router.pools["blue"].upstreams
+    [blue_upstream] = admin.proxy.app.runtime.pools["blue"].upstreams
     assert len(blue_upstream.idle) == 1  # the pooled keep-alive connection of that request
     await admin.call("POST", "/v1/flip")
     assert len(blue_upstream.idle) == 0
@@ -287,7 +285,7 @@ REFUSALS = [
          headers={"Content-Type": "text/html"}),
     put(b'{"blue": -1, "green": 10}', 422, INVALID, "weights.blue: must be >= 0 (got -1)"),
     put(b'{"blue": 0, "green": 0}', 422, INVALID,
-        "weights: at least one color needs a weight > 0 (got blue=0, green=0)"),
+        'weights: at least one color needs a weight > 0 (got {"blue": 0, "green": 0})'),
     put(b'{"blue": 90}', 422, INVALID, "weights.green: required"),
     put(b'{"blue": "90", "green": 1.5}', 422, INVALID,
         'weights.blue: must be an integer (got "90")', "weights.green: must be an integer (got 1.5)"),
@@ -475,7 +473,7 @@ async def test_concurrent_changes_get_one_gapless_version_sequence(admin: Admin)
         "updated_at": final["updated_at"],
         "format": 1,
     }
-    loaded = StateStore(admin.proxy.app.config.state_file).load()
+    loaded = FileStateBackend(admin.proxy.app.config.state_file).load()
     assert loaded is not None
     assert loaded.version == admin.proxy.app.switchboard.version
 

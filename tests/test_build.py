@@ -1,39 +1,33 @@
-"""The installed data plane is the one setup.py says: compiled by mypyc, unless BGPROXY_PURE=1."""
+"""The installed data plane is what setup.py says: every module of bgproxy/dataplane compiled by mypyc
+(unless BGPROXY_PURE=1), and nothing outside that folder."""
 
 from __future__ import annotations
 
-import ast
 import importlib
 import os
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-from bgproxy import switching
+import bgproxy
 
-SETUP = Path(__file__).parent.parent / "setup.py"
-
-
-def data_plane_modules() -> list[str]:
-    """The module names setup.py hands to mypyc, read without running setup()."""
-    for node in ast.walk(ast.parse(SETUP.read_text())):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "DATA_PLANE" for t in node.targets
-        ):
-            paths = ast.literal_eval(node.value)
-            return [p.removesuffix(".py").replace("/", ".") for p in paths]
-    raise AssertionError("setup.py has no DATA_PLANE list")
+PACKAGE = Path(bgproxy.__file__).parent
+DATAPLANE = PACKAGE / "dataplane"
 
 
-def test_data_plane_list_names_real_modules() -> None:
-    modules = data_plane_modules()
-    assert "bgproxy.proxy" in modules and "bgproxy.upstream_conn" in modules and "bgproxy.http1" in modules
-    for name in modules:
-        assert (SETUP.parent / (name.replace(".", "/") + ".py")).is_file(), name
+def dataplane_modules() -> list[str]:
+    return sorted(f"bgproxy.dataplane.{p.stem}" for p in DATAPLANE.glob("*.py") if p.name != "__init__.py")
 
 
-@pytest.mark.parametrize("name", data_plane_modules())
-def test_module_is_compiled_unless_pure(name: str) -> None:
+def test_the_folder_holds_the_hot_path() -> None:
+    modules = dataplane_modules()
+    for name in ("client", "exchange", "upstream", "http1", "routing", "runtime"):
+        assert f"bgproxy.dataplane.{name}" in modules
+
+
+@pytest.mark.parametrize("name", dataplane_modules())
+def test_dataplane_module_is_compiled_unless_pure(name: str) -> None:
     path = importlib.import_module(name).__file__ or ""
     if os.environ.get("BGPROXY_PURE") == "1":
         assert path.endswith(".py"), path
@@ -41,6 +35,14 @@ def test_module_is_compiled_unless_pure(name: str) -> None:
         assert path.endswith(".so"), f"{name} runs interpreted ({path}): the mypyc build did not happen"
 
 
-def test_switching_stays_interpreted() -> None:
-    """The pure switching core validates untyped input itself; compiled, it would raise TypeError first."""
-    assert (switching.__file__ or "").endswith(".py")
+def test_nothing_outside_the_dataplane_is_compiled() -> None:
+    """core validates untyped input itself; compiled, it would raise a bare TypeError first."""
+    outside = [
+        info.name
+        for info in pkgutil.walk_packages([str(PACKAGE)], "bgproxy.")
+        if not info.name.startswith("bgproxy.dataplane.")
+        and info.name != "bgproxy.__main__"
+        and not (importlib.import_module(info.name).__file__ or "").endswith(".py")
+    ]
+    assert outside == []
+    assert not [p for p in PACKAGE.rglob("*.so") if p.parent != DATAPLANE]

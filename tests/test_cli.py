@@ -212,7 +212,7 @@ def test_refusals_exit_1_with_the_servers_message(server: Server, capsys: pytest
         1,
         "",
         "bgproxy: refused (422): invalid request body\n"
-        "  weights: at least one color needs a weight > 0 (got blue=0, green=0)\n",
+        '  weights: at least one color needs a weight > 0 (got {"blue": 0, "green": 0})\n',
     )
     assert run_cli(capsys, "flip", "--if-match", "4", *admin) == (
         1,

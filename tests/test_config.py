@@ -48,7 +48,7 @@ def test_shipped_config_loads_with_documented_values() -> None:
     assert cfg.listen == HostPort("127.0.0.1", 8080)
     assert cfg.admin.listen == HostPort("127.0.0.1", 9901)
     assert cfg.pools.blue.upstreams == [HostPort("127.0.0.1", 9001), HostPort("127.0.0.1", 9003)]
-    assert cfg.color_pool("green").upstreams == [HostPort("127.0.0.1", 9002)]
+    assert cfg.pools.get("green").upstreams == [HostPort("127.0.0.1", 9002)]
     assert (cfg.weights.blue, cfg.weights.green) == (100, 0)
     assert cfg.drain_timeout == 30.0
     assert cfg.state_file == SHIPPED.parent / "bgproxy-state.json"
@@ -106,7 +106,7 @@ BAD_CASES = {
     ),
     "both weights 0": (
         POOLS + "weights: {blue: 0, green: 0}\n",
-        ["weights: both weights are 0: no color would get traffic (got {'blue': 0, 'green': 0})"],
+        ["weights: at least one color needs a weight > 0 (got {'blue': 0, 'green': 0})"],
     ),
     "unparseable duration": (
         POOLS + "timeouts: {connect: 30x}\n",
@@ -267,9 +267,9 @@ def test_expected_status(spec: object, accepted: list[int], refused: list[int]) 
 def test_color_lookup() -> None:
     cfg = load_config(SHIPPED, environ={})
     assert cfg.pools.get("blue") is cfg.pools.blue
-    assert cfg.color_pool("green") is cfg.pools.green
+    assert cfg.pools.get("green") is cfg.pools.green
     with pytest.raises(ValueError, match="unknown color 'red'"):
-        cfg.color_pool("red")
+        cfg.pools.get("red")
 
 
 def test_relative_state_file_follows_config_dir(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_env_problems_name_the_variable(tmp_path: Path) -> None:
         "env BGPROXY_ADMIN_LISTEN: port is not a number (got '127.0.0.1:x')",
         f"env BGPROXY_ADMIN_TOKENS: ops: {rule} (got <secret, 4 characters>)",
         f"env BGPROXY_ADMIN_TOKEN: {rule} (got <secret, 5 characters>)",
-        f"{path}: weights: both weights are 0: no color would get traffic (got {{'blue': 0, 'green': 0}})",
+        f"{path}: weights: at least one color needs a weight > 0 (got {{'blue': 0, 'green': 0}})",
     ]
 
 

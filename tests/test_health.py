@@ -32,7 +32,7 @@ from upstreams import (
     silent_server,
 )
 
-from bgproxy.state_store import parse_rfc3339
+from bgproxy.core.timefmt import parse_rfc3339
 
 INTERVAL = 0.1  # probe interval of every health-checked pool below
 UNHEALTHY = 2  # unhealthy_threshold
@@ -74,9 +74,7 @@ async def eventually(cond: Callable[[], bool], within: float, what: str) -> floa
 
 def ups(proxy: RunningProxy, color: str) -> dict[str, Any]:
     """The live Upstream objects of a color, by address (what /v1/pools renders)."""
-    router = proxy.app.router
-    assert router is not None
-    return {u.addr: u for u in router.pools[color].upstreams}
+    return {u.addr: u for u in proxy.app.runtime.pools[color].upstreams}
 
 
 async def admin(

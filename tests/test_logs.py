@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from bgproxy.logs import JsonFormatter, TextFormatter, Throttled
+from bgproxy.dataplane.throttle import Throttled
+from bgproxy.logs import JsonFormatter, TextFormatter
 
 
 def test_json_formatter_puts_extra_fields_at_top_level() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -16,9 +15,9 @@ from rawclient import RawClient, exchange
 from upstreams import closed_port, cut_after_headers_server, origin, reset_before_headers_server
 
 from bgproxy import __version__
-from bgproxy.metrics import error_window_state
-from bgproxy.stats import ColorStats, Stats, UncountedColorStats
-from bgproxy.switching import Weights
+from bgproxy.admin.metrics import error_window_state
+from bgproxy.core.weights import Weights
+from bgproxy.dataplane.stats import ColorStats, Stats, UncountedColorStats
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -101,7 +100,7 @@ async def test_proxy_made_answers_upstream_errors_and_client_errors(make_proxy: 
         for _ in range(2):
             [resp] = await exchange(proxy.port, GET)
             assert resp.status == 502
-        proxy.app.switchboard.set_weights(Weights(0, 100), now=time.time())
+        await proxy.app.controller.set_weights(Weights(0, 100), actor="test", force=True)
         [cut_resp] = await exchange(proxy.port, GET)
         assert (cut_resp.status, cut_resp.complete) == (200, False)
         [bad] = await exchange(proxy.port, b"NOT HTTP AT ALL\r\n\r\n")
@@ -132,7 +131,7 @@ async def test_a_retried_connect_failure_is_no_error_but_a_reset_is(make_proxy: 
         for _ in range(4):
             [resp] = await exchange(proxy.port, GET)
             assert resp.status == 200
-        proxy.app.switchboard.set_weights(Weights(0, 100), now=time.time())
+        await proxy.app.controller.set_weights(Weights(0, 100), actor="test", force=True)
         [resp] = await exchange(proxy.port, GET)
         assert resp.status == 502
         _, samples = await scrape(proxy)
@@ -200,7 +199,7 @@ async def test_state_gauges_and_open_streams(make_proxy: MakeProxy) -> None:
             await client.close()
         cs = proxy.app.stats.colors["green"]
         cs.streams_ended, cs.streams_deadline = 3, 2  # what the drain code records as streams end
-        proxy.app.switchboard.set_weights(Weights(30, 70), now=time.time())
+        await proxy.app.controller.set_weights(Weights(30, 70), actor="test", force=True)
         await eventually(lambda: proxy.app.stats.colors["blue"].in_flight == 0)
         _, samples = await scrape(proxy)
     assert val(samples, "bgproxy_open_streams", color="blue") == 0

@@ -15,8 +15,9 @@ from upstreams import origin
 
 from bgproxy.app import App
 from bgproxy.config import load_config
-from bgproxy.state_store import PersistedState, StateFileError, StateStore, parse_rfc3339, rfc3339
-from bgproxy.switching import Weights
+from bgproxy.control.state import FileStateBackend, PersistedState, StateFileError
+from bgproxy.core.timefmt import parse_rfc3339, rfc3339
+from bgproxy.core.weights import Weights
 
 GOOD = {
     "weights": {"blue": 0, "green": 100},
@@ -27,7 +28,7 @@ GOOD = {
 
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
-    store = StateStore(tmp_path / "state.json")
+    store = FileStateBackend(tmp_path / "state.json")
     assert store.load() is None  # first start: no file yet
     state = PersistedState(Weights(90, 10), 3, 1714564800.123456)
     store.save(state)
@@ -42,7 +43,7 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
 
 
 def test_save_replaces_the_file_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    store = StateStore(tmp_path / "state.json")
+    store = FileStateBackend(tmp_path / "state.json")
     store.save(PersistedState(Weights(100, 0), 0, 0.0))
     store.save(PersistedState(Weights(0, 100), 1, 1.0))
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
@@ -54,11 +55,11 @@ def test_save_replaces_the_file_and_leaves_no_temp_files(tmp_path: Path) -> None
 def test_failed_save_names_the_file_and_keeps_the_old_state(tmp_path: Path) -> None:
     path = tmp_path / "state" / "state.json"
     path.parent.mkdir()
-    store = StateStore(path)
+    store = FileStateBackend(path)
     store.save(PersistedState(Weights(100, 0), 0, 0.0))
     blocker = tmp_path / "blocker"
     blocker.write_text("not a directory")
-    broken = StateStore(blocker / "state.json")
+    broken = FileStateBackend(blocker / "state.json")
     with pytest.raises(
         StateFileError, match=r"state file .*blocker/state\.json: cannot write it: Not a directory"
     ):
@@ -95,7 +96,7 @@ def test_failed_save_names_the_file_and_keeps_the_old_state(tmp_path: Path) -> N
             "updated_at must be an RFC 3339",
         ),
         (json.dumps({**GOOD, "updated_at": 0}).encode(), "updated_at must be an RFC 3339 time"),
-        (json.dumps(GOOD).replace("7", "NaN").encode(), "NaN is not allowed in JSON"),
+        (json.dumps(GOOD).replace("7", "NaN").encode(), "NaN is not valid JSON"),
     ],
 )
 def test_corrupt_file_is_an_error_naming_file_and_problem(
@@ -104,7 +105,7 @@ def test_corrupt_file_is_an_error_naming_file_and_problem(
     path = tmp_path / "state.json"
     path.write_bytes(content)
     with pytest.raises(StateFileError) as caught:
-        StateStore(path).load()
+        FileStateBackend(path).load()
     assert str(caught.value).startswith(f"state file {path}: ")
     assert problem in str(caught.value)
 
@@ -113,7 +114,7 @@ def test_unreadable_file_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.mkdir()  # a directory where the file should be: reading fails even as root
     with pytest.raises(StateFileError, match=r"cannot read it: Is a directory"):
-        StateStore(path).load()
+        FileStateBackend(path).load()
 
 
 def test_rfc3339_round_trips() -> None:
@@ -140,7 +141,7 @@ async def test_start_restores_saved_state_over_config_weights(make_proxy: MakePr
 async def test_missing_file_is_seeded_from_config_weights(make_proxy: MakeProxy, tmp_path: Path) -> None:
     state_file = tmp_path / "new.json"
     await make_proxy(weights=(30, 70), state_file=str(state_file))
-    loaded = StateStore(state_file).load()
+    loaded = FileStateBackend(state_file).load()
     assert loaded is not None
     assert (loaded.weights, loaded.version) == (Weights(30, 70), 0)
 
@@ -155,7 +156,7 @@ async def test_corrupt_file_stops_start_unless_reset(make_proxy: MakeProxy, tmp_
     await app.start()
     try:
         assert app.switchboard.weights == Weights(100, 0)
-        seeded = StateStore(state_file).load()
+        seeded = FileStateBackend(state_file).load()
         assert seeded is not None
         assert (seeded.weights, seeded.version) == (Weights(100, 0), 0)
         assert seeded.updated_at == pytest.approx(app.switchboard.updated_at, abs=1e-6)

@@ -1,7 +1,8 @@
-"""The one way the switch state changes: serialized, persisted before it is answered, then announced.
+"""The one way the switch state changes: serialized, persisted before it is answered, then installed.
 
 The admin API (and anything else that switches traffic) calls the Controller; it never touches the
-Switchboard's mutating methods itself, so there is exactly one lock and one version sequence.
+Switchboard's mutating methods itself, so there is exactly one lock and one version sequence. Each
+applied change becomes a new route table in the data plane, then starts or cancels drains.
 """
 
 from __future__ import annotations
@@ -11,19 +12,29 @@ import logging
 import time
 from collections.abc import Callable
 
-from .state_store import PersistedState, StateStore
-from .switching import Color, Switchboard, SwitchResult, Weights
+from ..core.colors import Color
+from ..core.switchboard import Switchboard, SwitchResult
+from ..core.weights import Weights
+from ..dataplane.routing import RouteTable
+from ..dataplane.runtime import Runtime
+from .drain import Drainer
+from .state import PersistedState, StateBackend
 
 log = logging.getLogger("bgproxy.control")
 
 Change = Callable[[Switchboard, float], SwitchResult]
-Observer = Callable[[SwitchResult], None]
 # Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
 Guard = Callable[[Weights, Weights], None]
 
 
+def route_table(board: Switchboard) -> RouteTable:
+    """The data plane's view of the switch state: what new requests are routed by."""
+    weights = board.weights
+    return RouteTable(board.version, weights.blue, weights.green)
+
+
 class Controller:
-    """Applies flips and weight changes: validate, persist, apply, then tell the observers.
+    """Applies flips and weight changes: validate, persist, apply, install, then drain.
 
     A change is first tried on a scratch copy of the switchboard, so a refused change (SwitchError,
     VersionConflict) or a failed write (StateFileError) leaves the live state, its version and its
@@ -33,14 +44,18 @@ class Controller:
     def __init__(
         self,
         switchboard: Switchboard,
-        store: StateStore,
+        store: StateBackend,
+        runtime: Runtime,
+        drainer: Drainer,
         *,
         drain_timeout: float,
+        guard: Guard | None = None,
     ) -> None:
         self.switchboard = switchboard
         self.store = store
-        self.observers: list[Observer] = []  # called after each applied change, in order
-        self.guard: Guard | None = None
+        self._runtime = runtime
+        self._drainer = drainer
+        self._guard = guard
         self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
         self._lock = asyncio.Lock()
 
@@ -108,8 +123,8 @@ class Controller:
             preview = change(scratch, now)  # raises before anything live is touched
             if preview.event is None:
                 return preview
-            if self.guard is not None and not force:
-                self.guard(preview.event.from_weights, preview.event.to_weights)
+            if self._guard is not None and not force:
+                self._guard(preview.event.from_weights, preview.event.to_weights)
             planned = PersistedState(preview.event.to_weights, preview.event.version, now)
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, planned)
@@ -131,10 +146,6 @@ class Controller:
                     "reason": event.reason,
                 },
             )
-            for observer in self.observers:
-                try:
-                    observer(result)
-                except Exception:
-                    # The change is applied and on disk; one failing reaction must not hide it.
-                    log.exception("switch observer %r failed", observer)
+            self._runtime.install(route_table(board))
+            self._drainer.on_switch(result)
             return result

@@ -1,4 +1,4 @@
-"""The control-plane listener: composes health probes, the /v1 admin API and /metrics.
+"""The admin listener: composes health probes, the /v1 admin API and /metrics.
 
 Each part lives in its own module; this one only mounts them, so the admin listener's shape
 is visible in one place.
@@ -6,17 +6,15 @@ is visible in one place.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from .api import build_v1_app
 from .metrics import metrics_handler
+from .readmodel import Process
 
-if TYPE_CHECKING:
-    from .app import App
-
-APP_KEY: web.AppKey[App] = web.AppKey("bgproxy_app")
+PROCESS_KEY: web.AppKey[Process] = web.AppKey("bgproxy_process")
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -26,16 +24,16 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     """200 only while serving traffic: 503 during shutdown or while live traffic has no upstream."""
-    app = request.app[APP_KEY]
-    ready, why = app.readiness()
+    ready, why = request.app[PROCESS_KEY].readiness()
     return web.json_response({"ready": ready, "reason": why}, status=200 if ready else 503)
 
 
-def build_admin_app(app: App) -> web.Application:
+def build_admin_app(process: Process, tokens: Mapping[str, str]) -> web.Application:
+    """The admin listener's app; ``tokens`` (name -> bearer token) guard /v1 when not empty."""
     admin = web.Application()
-    admin[APP_KEY] = app
+    admin[PROCESS_KEY] = process
     admin.router.add_get("/healthz", _healthz)
     admin.router.add_get("/readyz", _readyz)
-    admin.router.add_get("/metrics", metrics_handler(app))
-    admin.add_subapp("/v1", build_v1_app(app))
+    admin.router.add_get("/metrics", metrics_handler(process))
+    admin.add_subapp("/v1", build_v1_app(process, tokens))
     return admin

@@ -1,49 +1,21 @@
-"""Table tests for the pure switching core (bgproxy.switching)."""
+"""Table tests for the pure core: colors, weights, the versioned switchboard, drains (bgproxy.core)."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
-from bgproxy.switching import (
-    COLORS,
-    Color,
-    Drain,
-    SmoothWRR,
-    Switchboard,
-    SwitchError,
-    SwitchEvent,
-    SwitchResult,
-    VersionConflict,
-    Weights,
-    check_color,
-    other,
-)
+from bgproxy.core.colors import COLORS, Color, check_color, other
+from bgproxy.core.drain import Drain
+from bgproxy.core.errors import SwitchError, VersionConflict
+from bgproxy.core.switchboard import Switchboard, SwitchEvent, SwitchResult
+from bgproxy.core.weights import Weights
 
 B: Color = "blue"
 G: Color = "green"
-
-
-def nginx_swrr(blue: int, green: int) -> Iterator[Color]:
-    """The textbook nginx algorithm, written independently of the optimised one under test."""
-    weight = {B: blue, G: green}
-    current = {B: 0, G: 0}
-    total = blue + green
-    while True:
-        for c in COLORS:
-            current[c] += weight[c]
-        best = max(COLORS, key=lambda c: current[c])  # max() keeps the first on ties: blue
-        current[best] -= total
-        yield best
-
-
-def picks(w: SmoothWRR, n: int) -> list[Color]:
-    return [w.pick() for _ in range(n)]
 
 
 def snapshot(board: Switchboard) -> tuple[object, ...]:
@@ -138,94 +110,6 @@ def test_unknown_color_is_refused_everywhere(bad: Any) -> None:
         board.flip(bad, now=1)
 
 
-# --- SmoothWRR ------------------------------------------------------------------------------------
-
-b, g = B, G
-
-
-@pytest.mark.parametrize(
-    ("blue", "green", "sequence"),
-    [
-        # Worked by hand from the nginx rules, so they check the reference too.
-        (3, 2, [b, g, b, g, b] * 2),
-        (2, 3, [g, b, g, b, g] * 2),
-        (1, 1, [b, g] * 4),
-        (2, 1, [b, g, b] * 2),
-        (1, 2, [g, b, g] * 2),
-        (5, 1, [b, b, b, g, b, b] * 2),
-        (100, 0, [b] * 10),
-        (0, 5, [g] * 10),
-    ],
-)
-def test_swrr_known_sequences(blue: int, green: int, sequence: list[Color]) -> None:
-    assert picks(SmoothWRR(Weights(blue, green)), len(sequence)) == sequence
-    assert list(itertools.islice(nginx_swrr(blue, green), len(sequence))) == sequence
-
-
-SWRR_PAIRS = [
-    (90, 10),
-    (1, 1),
-    (3, 2),
-    (7, 3),
-    (1, 999),
-    (999, 1),
-    (9999, 1),
-    (1, 9999),
-    (50, 50),
-    (2, 4),  # not in lowest terms: the period is still the total
-    (333, 667),
-    (12345, 54321),
-    (100, 0),
-    (0, 1),
-]
-
-
-@pytest.mark.parametrize(("blue", "green"), SWRR_PAIRS)
-def test_swrr_matches_nginx_and_is_exact(blue: int, green: int) -> None:
-    total = blue + green
-    n = 3 * total
-    got = picks(SmoothWRR(Weights(blue, green)), n)
-    assert got == list(itertools.islice(nginx_swrr(blue, green), n))
-    # Every window of `total` consecutive picks holds exactly the configured counts.
-    in_window = got[:total].count(B)
-    assert in_window == blue
-    for i in range(total, n):
-        in_window += (got[i] == B) - (got[i - total] == B)
-        assert in_window == blue, f"window ending at {i}"
-    # Evenly interleaved: every prefix is within half a pick of the exact share.
-    seen = 0
-    for k, color in enumerate(got, start=1):
-        seen += color == B
-        assert abs(2 * (seen * total - k * blue)) <= total, f"prefix {k}"
-
-
-@pytest.mark.parametrize(("blue", "green", "n", "expected_blue"), [(90, 10, 1000, 900), (7, 3, 1000, 700)])
-def test_swrr_counts(blue: int, green: int, n: int, expected_blue: int) -> None:
-    assert picks(SmoothWRR(Weights(blue, green)), n).count(B) == expected_blue
-
-
-def test_swrr_windows_of_100_for_90_10() -> None:
-    got = picks(SmoothWRR(Weights(90, 10)), 1000)
-    for start in range(0, 1000 - 100 + 1):
-        assert got[start : start + 100].count(B) == 90
-
-
-def test_swrr_random_pairs_match_nginx() -> None:
-    """Stands in for a hypothesis property test (hypothesis is not in the venv): fixed seed, many pairs."""
-    rng = random.Random(20240601)
-    for _ in range(400):
-        blue = rng.choice([0, rng.randint(1, 10), rng.randint(1, 1000), rng.randint(1, 10**6)])
-        green = rng.choice([rng.randint(1, 10), rng.randint(1, 1000), rng.randint(1, 10**6)])
-        if rng.random() < 0.5:
-            blue, green = green, blue
-        n = min(2 * (blue + green), 3000)
-        got = picks(SmoothWRR(Weights(blue, green)), n)
-        assert got == list(itertools.islice(nginx_swrr(blue, green), n)), (blue, green)
-        period = blue + green
-        if period <= 3000:
-            assert got[:period].count(B) == blue, (blue, green)
-
-
 # --- Switchboard: set_weights, flip, versions -----------------------------------------------------
 
 
@@ -234,7 +118,6 @@ def test_initial_state() -> None:
     assert (board.weights, board.version, board.updated_at) == (Weights(90, 10), 7, 1000.0)
     assert board.events() == []
     assert board.drains() == {}
-    assert [board.choose() for _ in range(100)].count(B) == 90
 
 
 @pytest.mark.parametrize(
@@ -374,7 +257,6 @@ def test_matching_expected_version_applies(op: Op) -> None:
 @pytest.mark.parametrize("method", ["set_weights", "flip"])
 def test_bad_arguments_leave_state_untouched(kwargs: dict[str, Any], message: str, method: str) -> None:
     board = Switchboard(Weights(100, 0), drain_timeout=30, version=1, updated_at=3.0)
-    board.choose()
     before = snapshot(board)
     args: dict[str, Any] = {"now": 10.0} | kwargs
     with pytest.raises(SwitchError, match=message):
@@ -385,7 +267,7 @@ def test_bad_arguments_leave_state_untouched(kwargs: dict[str, Any], message: st
     assert snapshot(board) == before
 
 
-def test_version_sequence_and_swrr_reset() -> None:
+def test_version_sequence() -> None:
     board = Switchboard(Weights(100, 0), drain_timeout=30)
     steps: list[tuple[Op, int, Weights]] = [
         (lambda s: s.set_weights(Weights(90, 10), now=1.0), 1, Weights(90, 10)),
@@ -397,13 +279,11 @@ def test_version_sequence_and_swrr_reset() -> None:
         (lambda s: s.set_weights(Weights(3, 2), now=7.0), 5, Weights(3, 2)),
     ]
     for op, version, weights in steps:
-        board.choose()  # advance the old SWRR so a missing reset would show
         op(board)
         assert (board.version, board.weights) == (version, weights)
     assert [e.version for e in board.events()] == [1, 2, 3, 4, 5]
     assert [e.at for e in board.events()] == [1.0, 3.0, 4.0, 6.0, 7.0]
     assert board.updated_at == 7.0
-    assert [board.choose() for _ in range(5)] == [b, g, b, g, b]
 
 
 # --- Drains -------------------------------------------------------------------------------------
@@ -501,12 +381,10 @@ def test_event_records_from_and_to() -> None:
 def test_restore() -> None:
     board = Switchboard(Weights(100, 0), drain_timeout=30)
     board.flip(now=1.0)
-    board.choose()
     board.restore(Weights(3, 2), 41, 1234.5)
     assert (board.weights, board.version, board.updated_at) == (Weights(3, 2), 41, 1234.5)
     assert board.drains() == {}
     assert [e.version for e in board.events()] == [1]  # restoring logs nothing
-    assert [board.choose() for _ in range(5)] == [b, g, b, g, b]
     assert board.set_weights(Weights(0, 5), now=2000.0, expected_version=41).changed
     assert board.version == 42
 

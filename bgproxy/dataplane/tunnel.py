@@ -14,8 +14,8 @@ from .websocket import FrameTracker, close_frame
 if TYPE_CHECKING:
     import asyncio
 
-    from .proxy import Exchange
-    from .upstream_conn import UpstreamConnection
+    from .exchange import Exchange
+    from .upstream import UpstreamConnection
 
 
 class Tunnel:

@@ -1,57 +1,22 @@
-"""The switching core: weights, smooth weighted round robin, the versioned switchboard.
+"""The versioned switchboard: weights, version, audit events and drains, changed only whole.
 
 Pure state and no I/O (modelled on h11): the current time is always passed in as ``now``, so the
-data plane, the admin API and the tests drive the same code with whatever clock they have. Every
-method either fully applies or raises before touching anything, so a refused change leaves the
-state exactly as it was.
+control plane and the tests drive the same code with whatever clock they have. Every method either
+fully applies or raises before touching anything, so a refused change leaves the state exactly as it
+was. The data plane never reads this object: the control plane turns each applied change into a
+route table (bgproxy.dataplane.routing) and installs that.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-Color = Literal["blue", "green"]
-COLORS: tuple[Color, Color] = ("blue", "green")
-
-
-class SwitchError(ValueError):
-    """A refused change; message is shown to API users. The state is untouched."""
-
-
-class VersionConflict(SwitchError):
-    """If-Match/expected_version was stale."""
-
-    def __init__(self, expected: int, current: int) -> None:
-        super().__init__(f"version conflict: expected version {expected}, current version is {current}")
-        self.expected = expected
-        self.current = current
-
-
-def check_color(value: object) -> Color:
-    """Narrow untrusted input (JSON, CLI) to a Color, since typing cannot vouch for it at runtime."""
-    if value == "blue":
-        return "blue"
-    if value == "green":
-        return "green"
-    raise SwitchError(f"unknown color {value!r}: expected 'blue' or 'green'")
-
-
-def other(color: Color) -> Color:
-    """The color that is not ``color``; strict, so a typo can never silently mean green."""
-    return "green" if check_color(color) == "blue" else "blue"
-
-
-def _check_weight(color: str, value: object) -> int:
-    # bool is an int subclass, but {"blue": true} is a client bug, not a weight of 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SwitchError(f"weight for {color} must be an integer, got {value!r}")
-    if value < 0:
-        raise SwitchError(f"weight for {color} must be >= 0, got {value}")
-    return value
+from .colors import Color, check_color, other
+from .drain import Drain, drains_cancelled, drains_started, due
+from .errors import SwitchError, VersionConflict
+from .weights import Weights
 
 
 def _check_seconds(name: str, value: object, *, positive: bool) -> float:
@@ -64,82 +29,6 @@ def _check_seconds(name: str, value: object, *, positive: bool) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class Weights:
-    """Relative traffic shares of the two colors; validated on construction so none can be invalid."""
-
-    blue: int
-    green: int
-
-    def __post_init__(self) -> None:
-        _check_weight("blue", self.blue)
-        _check_weight("green", self.green)
-        if self.blue == 0 and self.green == 0:
-            raise SwitchError("at least one color needs a weight > 0 (got blue=0, green=0)")
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, object]) -> Weights:
-        """Build from untrusted input (a JSON body, a state file), naming the first bad key."""
-        if not isinstance(m, Mapping):
-            raise SwitchError(f"weights must be a mapping with keys 'blue' and 'green', got {m!r}")
-        for key in m:
-            if key not in COLORS:
-                raise SwitchError(f"unknown key {key!r} in weights: expected exactly 'blue' and 'green'")
-        for color in COLORS:
-            if color not in m:
-                raise SwitchError(f"missing key {color!r} in weights: expected exactly 'blue' and 'green'")
-        return cls(blue=_check_weight("blue", m["blue"]), green=_check_weight("green", m["green"]))
-
-    def of(self, color: Color) -> int:
-        return self.blue if check_color(color) == "blue" else self.green
-
-    def as_dict(self) -> dict[str, int]:
-        return {"blue": self.blue, "green": self.green}
-
-    @property
-    def total(self) -> int:
-        return self.blue + self.green
-
-    @property
-    def active(self) -> Color | None:
-        """The only color with weight > 0, or None while both have weight."""
-        if self.green == 0:
-            return "blue"
-        if self.blue == 0:
-            return "green"
-        return None
-
-
-class SmoothWRR:
-    """nginx's smooth weighted round robin over the two colors: exact ratios, evenly interleaved.
-
-    With two colors the two ``current`` values always sum to zero, so one integer is enough;
-    it is kept doubled so that the "is blue's current the max?" test needs no multiplication.
-    Ties go to blue, as in nginx (first peer wins).
-    """
-
-    __slots__ = ("_d", "_only", "_t", "_t2", "_w2")
-
-    def __init__(self, weights: Weights) -> None:
-        self._only: Color | None = weights.active
-        self._d = 0  # 2 * current_blue; current_green == -current_blue
-        self._w2 = 2 * weights.blue
-        self._t = weights.total
-        self._t2 = 2 * weights.total
-
-    def pick(self) -> Color:
-        """Hot path, called once per proxied request."""
-        only = self._only
-        if only is not None:
-            return only
-        d = self._d + self._w2
-        if d >= self._t:
-            self._d = d - self._t2
-            return "blue"
-        self._d = d
-        return "green"
-
-
-@dataclass(frozen=True, slots=True)
 class SwitchEvent:
     """One applied change, for the audit log."""
 
@@ -149,15 +38,6 @@ class SwitchEvent:
     to_weights: Weights
     actor: str
     reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Drain:
-    """A color that lost all its weight: its open streams may finish until ``deadline``."""
-
-    color: Color
-    started_at: float
-    deadline: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +59,11 @@ class Switchboard:
     Invariant: only a color with weight 0 can be draining.
     """
 
-    __slots__ = ("_drain_timeout", "_drains", "_events", "_swrr", "_updated_at", "_version", "_weights")
+    __slots__ = ("_drain_timeout", "_drains", "_events", "_updated_at", "_version", "_weights")
 
     _weights: Weights
     _version: int
     _updated_at: float
-    _swrr: SmoothWRR
 
     def __init__(
         self,
@@ -213,10 +92,6 @@ class Switchboard:
     @property
     def updated_at(self) -> float:
         return self._updated_at
-
-    def choose(self) -> Color:
-        """Hot path: the color for the next request."""
-        return self._swrr.pick()
 
     def set_weights(
         self,
@@ -274,7 +149,7 @@ class Switchboard:
 
         They stay registered: the data plane closes their streams, then calls finish_drain.
         """
-        return [d for d in self._drains.values() if d.deadline <= now]
+        return due(self._drains, now)
 
     def finish_drain(self, color: Color) -> None:
         """End a drain. Idempotent: the deadline and the last stream closing may both report it."""
@@ -290,7 +165,6 @@ class Switchboard:
         self._weights = weights
         self._version = version
         self._updated_at = updated
-        self._swrr = SmoothWRR(weights)
         self._drains.clear()
 
     def _check_version(self, expected: int | None) -> None:
@@ -312,19 +186,14 @@ class Switchboard:
         old = self._weights
         if new == old:
             return _UNCHANGED
-        started = tuple(
-            Drain(color=c, started_at=at, deadline=at + timeout)
-            for c in COLORS
-            if old.of(c) > 0 and new.of(c) == 0
-        )
-        cancelled = tuple(c for c in COLORS if c in self._drains and new.of(c) > 0)
+        started = drains_started(old, new, at, timeout)
+        cancelled = drains_cancelled(self._drains, new)
         event = SwitchEvent(
             version=self._version + 1, at=at, from_weights=old, to_weights=new, actor=actor, reason=reason
         )
         self._weights = new
         self._version = event.version
         self._updated_at = at
-        self._swrr = SmoothWRR(new)
         for c in cancelled:
             del self._drains[c]
         for d in started:

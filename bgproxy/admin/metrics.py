@@ -1,8 +1,8 @@
 """Prometheus exposition at ``GET /metrics`` and the rolling error window for ``/v1/state``.
 
-A custom collector reads the plain counters in bgproxy.stats at scrape time, so the hot path never
-touches a prometheus_client object. Each App gets its own registry (tests run many Apps in one
-process, and the global registry would mix them up).
+A custom collector reads the plain counters in bgproxy.dataplane.stats at scrape time, so the hot path never
+touches a prometheus_client object. Each process view gets its own registry (tests run many
+proxies in one process, and the global registry would mix them up).
 
 With ``metrics.enabled: false`` the per-request families (requests, upstream errors, latency
 histograms, error ratio) are left out, since nothing counts them; the families read from live state
@@ -12,7 +12,6 @@ histograms, error ratio) are left out, since nothing counts them; the families r
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -25,16 +24,14 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .switching import COLORS
-
-if TYPE_CHECKING:
-    from .app import App
+from .. import __version__
+from ..core.colors import COLORS
+from .readmodel import Process
 
 __all__ = ["BgproxyCollector", "error_window_state", "metrics_handler"]
 
 
-def error_window_state(app: App, color: str) -> dict[str, int | float | None]:
+def error_window_state(app: Process, color: str) -> dict[str, int | float | None]:
     """The rolling error window of one color, as /v1/state shows it (the guardrail's input).
 
     ``error_ratio`` is 0.0 when the window saw no requests (read ``requests`` to tell); with metrics
@@ -52,11 +49,9 @@ def error_window_state(app: App, color: str) -> dict[str, int | float | None]:
     }
 
 
-def _window_counts(app: App, color: str) -> tuple[int, int]:
+def _window_counts(app: Process, color: str) -> tuple[int, int]:
     """Read with the data plane's own clock: the buckets are stamped with its loop.time()."""
-    if app.router is None:
-        return 0, 0
-    return app.stats.colors[color].window_counts(app.router.loop.time())
+    return app.stats.colors[color].window_counts(app.runtime.loop.time())
 
 
 def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
@@ -70,9 +65,9 @@ def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[st
 
 
 class BgproxyCollector(Collector):
-    """Turns one App's counters and switching state into metric families at scrape time."""
+    """Turns one process's counters and switching state into metric families at scrape time."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: Process) -> None:
         self.app = app
 
     def collect(self) -> Iterable[Metric]:
@@ -99,7 +94,7 @@ class BgproxyCollector(Collector):
         for color in COLORS:
             cs = stats.colors[color]
             active.add_metric([color], cs.in_flight)
-            streams.add_metric([color], app.router.open_streams(color) if app.router is not None else 0)
+            streams.add_metric([color], app.runtime.open_streams(color))
             ended.add_metric([color, "self"], cs.streams_ended)
             ended.add_metric([color, "deadline"], cs.streams_deadline)
             weight.add_metric([color], weights[color])
@@ -129,11 +124,10 @@ class BgproxyCollector(Collector):
         ejections = CounterMetricFamily(
             "bgproxy_ejections", "Passive outlier ejections, all time.", labels=["color", "upstream"]
         )
-        if self.app.router is not None:
-            for color, pool in self.app.router.pools.items():
-                for up in pool.upstreams:
-                    up_metric.add_metric([color, up.addr], 1 if up.available else 0)
-                    ejections.add_metric([color, up.addr], up.ejections)
+        for color, pool in self.app.runtime.pools.items():
+            for up in pool.upstreams:
+                up_metric.add_metric([color, up.addr], 1 if up.available else 0)
+                ejections.add_metric([color, up.addr], up.ejections)
         yield up_metric
         yield ejections
 
@@ -186,8 +180,8 @@ class BgproxyCollector(Collector):
         yield ratio
 
 
-def metrics_handler(app: App) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The aiohttp handler serving this App's metrics in the Prometheus text format."""
+def metrics_handler(app: Process) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler serving this process's metrics in the Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BgproxyCollector(app))
 

@@ -6,8 +6,10 @@ import contextlib
 from collections import deque
 from typing import TYPE_CHECKING, Literal
 
+from ..core.address import host_port
+
 if TYPE_CHECKING:
-    from .upstream_conn import UpstreamConnection
+    from .upstream import UpstreamConnection
 
 Balance = Literal["round_robin", "least_outstanding"]
 
@@ -37,13 +39,13 @@ class Upstream:
         self.color = color
         self.host = host
         self.port = port
-        self.addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.addr = host_port(host, port)
         self.max_idle = max_idle
         # LIFO reuse (append/pop on the right) keeps the warmest connections busy and lets the
         # cold ones on the left expire.
         self.idle: deque[UpstreamConnection] = deque()
         self.outstanding = 0  # requests in flight to this upstream
-        # Health (see health.py). `available` is what the hot path reads; refresh() derives it.
+        # Health (see control/health.py). `available` is what the hot path reads; refresh() derives it.
         self.healthy = True  # active checks: unhealthy after N failed probes
         self.check_passes = 0
         self.check_fails = 0

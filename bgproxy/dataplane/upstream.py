@@ -10,8 +10,8 @@ import httptools
 from .deadline import Deadline
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .pool import Upstream
-    from .proxy import Exchange
     from .tunnel import Tunnel
 
 
@@ -80,7 +80,7 @@ class UpstreamConnection:
             return
         ex.got_response_bytes = True
         if ex.response_started:  # more of a streaming body
-            ex.stream_progress(self, ex.router.loop.time())
+            ex.stream_progress(self, ex.runtime.loop.time())
         client = ex.client
         client.hold_writes()
         try:
@@ -89,6 +89,7 @@ class UpstreamConnection:
             client.flush()  # the 101 goes out before any tunneled byte
             ex.upgraded(self, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
+            # httptools wraps what a callback raised in HttpParserError; our exception is its context.
             if self.ex is None:
                 self.close()
             elif isinstance(exc.__context__, ResponseHeadTooLarge):
@@ -143,8 +144,8 @@ class UpstreamConnection:
         """Bound what an upstream can make us hold: limits.max_header_bytes applies to responses too."""
         self.head_bytes += n
         ex = self.ex
-        if ex is not None and self.head_bytes > ex.router.max_header_bytes:
-            raise ResponseHeadTooLarge(ex.router.max_header_bytes)
+        if ex is not None and self.head_bytes > ex.settings.max_header_bytes:
+            raise ResponseHeadTooLarge(ex.settings.max_header_bytes)
 
     def on_headers_complete(self) -> None:
         ex = self.ex

@@ -43,10 +43,15 @@ class Refusal(Exception):
         self.why = why
 
 
-# What the data plane needs to know about a validated request: (head to send upstream, chunked,
-# has_body, content_length or -1, expect_continue, lower-cased Upgrade protocol or b""). A plain
-# tuple: a NamedTuple's constructor is a Python-level call on every request.
-RequestHead = tuple[bytes, bool, bool, int, bool, bytes]
+# What the data plane needs to know about a validated request, read with the HEAD_* indices. A
+# plain tuple: a NamedTuple's constructor is a Python-level call on every request, while a Final
+# index into a fixed-length tuple compiles to a direct load.
+RequestHead = tuple[bytes, bool, bool, int, bytes]
+HEAD_BYTES: Final = 0  # the head to send upstream
+HEAD_CHUNKED: Final = 1  # the body is chunked
+HEAD_HAS_BODY: Final = 2  # chunked, or a Content-Length above 0
+HEAD_LENGTH: Final = 3  # Content-Length, or -1
+HEAD_UPGRADE: Final = 4  # the lower-cased Upgrade protocol, or b""
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:
@@ -219,7 +224,6 @@ def build_request_head(
         chunked,
         chunked or content_length > 0,
         content_length,
-        expect is not None,
         upgrade,
     )
 

@@ -1,4 +1,4 @@
-"""The switch state on disk, so a restart (or a crash) comes back to the last answered change.
+"""Where the switch state survives a restart: the StateBackend interface and its file backend.
 
 The file is small JSON written atomically: a reader sees the old state or the new one, never a mix.
 It is read back strictly: a file that does not parse exactly is an error, because silently falling
@@ -12,11 +12,13 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .switching import SwitchError, Weights
+from ..core.errors import SwitchError
+from ..core.jsontext import loads_strict
+from ..core.timefmt import parse_rfc3339, rfc3339
+from ..core.weights import Weights
 
 FORMAT = 1
 _KEYS = ("weights", "version", "updated_at", "format")
@@ -40,24 +42,29 @@ class PersistedState:
     updated_at: float  # Unix time
 
 
-def rfc3339(ts: float) -> str:
-    """Unix time as RFC 3339 UTC with microseconds, the one timestamp format of file and API."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+class StateBackend(Protocol):
+    """Loads and saves the one persisted switch state (the fleet issue adds etcd and Redis)."""
+
+    @property
+    def where(self) -> str:
+        """Where the state lives, for logs (never with credentials)."""
+
+    def load(self) -> PersistedState | None:
+        """The saved state, or None before the first save; raises on anything unreadable."""
+
+    def save(self, state: PersistedState) -> None:
+        """Replace the saved state, durably, before returning; raises if it could not."""
 
 
-def parse_rfc3339(text: str) -> float:
-    """Inverse of rfc3339; an offset is required, since a naive time would be read as local time."""
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError("has no UTC offset")
-    return moment.timestamp()
-
-
-class StateStore:
-    """Reads and atomically replaces one state file."""
+class FileStateBackend:
+    """Reads and atomically replaces one state file (``state_file`` in the config)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
 
     def load(self) -> PersistedState | None:
         """The saved state, or None if there is no file yet (first start)."""
@@ -74,7 +81,7 @@ class StateStore:
         except UnicodeDecodeError as exc:
             raise StateFileError(self.path, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
+            data = loads_strict(text)
         except ValueError as exc:
             raise StateFileError(self.path, f"not valid JSON: {exc}") from None
         try:
@@ -113,11 +120,6 @@ class StateStore:
                 os.close(dir_fd)
         except OSError as exc:
             raise StateFileError(self.path, f"cannot write it: {exc.strerror or exc}") from exc
-
-
-def _reject_constant(name: str) -> Any:
-    """Python's json accepts NaN and Infinity, which are not JSON."""
-    raise ValueError(f"{name} is not allowed in JSON")
 
 
 def _decode(data: Any) -> PersistedState:

@@ -2,7 +2,7 @@
 
 This is the product's main interface, so it is strict: every body is validated by the models in
 api_models, every answer (errors too) is JSON of a documented shape, and a refused call changes
-nothing. State changes go through the App's Controller, never the Switchboard directly.
+nothing. State changes go through the control plane's Controller, never the Switchboard directly.
 """
 
 from __future__ import annotations
@@ -10,34 +10,34 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
-from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from . import __version__
-from .api_models import (
+from ..config import parse_duration
+from ..control.state import StateFileError
+from ..core.colors import COLORS, Color
+from ..core.errors import SwitchError, VersionConflict
+from ..core.jsontext import loads_strict
+from ..core.switchboard import SwitchResult
+from ..core.timefmt import rfc3339
+from ..core.weights import Weights
+from .metrics import error_window_state
+from .models import (
     DrainWaitView,
     ErrorView,
     EventsView,
     FlipRequest,
-    HealthView,
     PoolsHealthView,
-    ReadyView,
     StateView,
     WeightsRequest,
     error_lines,
 )
-from .config import parse_duration
-from .metrics import error_window_state
-from .state_store import StateFileError, rfc3339
-from .switching import COLORS, Color, SwitchError, SwitchResult, VersionConflict, Weights
-
-if TYPE_CHECKING:
-    from .app import App
+from .openapi import openapi_document
+from .readmodel import Process
 
 log = logging.getLogger("bgproxy.api")
 
@@ -83,15 +83,18 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error_response(500, "internal error", [], {})
 
 
-def color_state(app: App, color: Color) -> dict[str, Any]:
-    """One color's entry in /v1/state: the one place to add per-color fields (and to ColorState)."""
+def color_state(app: Process, color: Color) -> dict[str, Any]:
+    """One color's entry in /v1/state: the one place to add per-color fields (and to ColorState).
+
+    Upstreams and their health come from the same live pools the data plane routes to.
+    """
     stats = app.stats.colors[color]
     drain = app.switchboard.drain_of(color)
     return {
         "weight": app.switchboard.weights.of(color),
-        "upstreams": [str(u) for u in app.config.pools.get(color).upstreams],
+        "upstreams": [up.addr for up in app.runtime.pools[color].upstreams],
         "in_flight": stats.in_flight,
-        "streams": app.router.open_streams(color) if app.router is not None else 0,
+        "streams": app.runtime.open_streams(color),
         "draining": drain is not None,
         "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,
         "drained": {"ended": stats.streams_ended, "deadline": stats.streams_deadline},
@@ -100,12 +103,10 @@ def color_state(app: App, color: Color) -> dict[str, Any]:
     }
 
 
-def upstream_health(app: App, color: Color) -> list[dict[str, Any]]:
+def upstream_health(app: Process, color: Color) -> list[dict[str, Any]]:
     """Each upstream of a color as /v1/pools shows it."""
-    if app.router is None:
-        return []
     out = []
-    for up in app.router.pools[color].upstreams:
+    for up in app.runtime.pools[color].upstreams:
         check = up.last_check
         last = {"at": rfc3339(check[0]), "ok": check[1], "detail": check[2]} if check else None
         out.append(
@@ -122,7 +123,7 @@ def upstream_health(app: App, color: Color) -> list[dict[str, Any]]:
     return out
 
 
-def state_view(app: App) -> dict[str, Any]:
+def state_view(app: Process) -> dict[str, Any]:
     """The body of GET /v1/state, validated against StateView so it always matches the docs."""
     board = app.switchboard
     view = StateView.model_validate(
@@ -152,20 +153,6 @@ def _if_match(request: web.Request) -> int | None:
     return int(text)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Python keeps the last of two equal keys; ``{"blue": 1, "blue": 90}`` is ambiguous, so refuse it."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
 async def _read_body(request: web.Request, model: type[M], name: str, *, optional: bool) -> M:
     """Validate the JSON body: 415 if not JSON, 400 if it doesn't parse, 422 naming each bad field."""
     raw = await request.read()
@@ -180,7 +167,7 @@ async def _read_body(request: web.Request, model: type[M], name: str, *, optiona
     if not raw:
         raise ApiError(400, "invalid JSON body", ["the body is empty: expected a JSON object"])
     try:
-        data = json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        data = loads_strict(raw)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400, "invalid JSON body", [f"line {exc.lineno} column {exc.colno}: {exc.msg}"]
@@ -194,11 +181,11 @@ async def _read_body(request: web.Request, model: type[M], name: str, *, optiona
 
 
 class _Api:
-    """The handlers, bound to one App."""
+    """The handlers, bound to one process."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: Process, tokens: Mapping[str, str]) -> None:
         self.app = app
-        self._tokens = [(name, token.encode()) for name, token in app.config.admin.tokens.items()]
+        self._tokens = [(name, token.encode()) for name, token in tokens.items()]
         self._openapi = openapi_document()
 
     @web.middleware
@@ -288,10 +275,9 @@ class _Api:
             problems.append(f"timeout: {exc} (got {query.get('timeout')!r})")
         if problems:
             raise ApiError(422, "invalid query", problems)
-        drainer = self.app.drainer
-        assert drainer is not None and color is not None
-        if not await drainer.wait_idle(color, within):
-            left = len(self.app.router.active[color]) if self.app.router is not None else 0
+        assert color is not None
+        if not await self.app.drainer.wait_idle(color, within):
+            left = len(self.app.runtime.active[color])
             raise ApiError(408, f"{color} still has {left} open exchanges after {within:g}s")
         return web.json_response(DrainWaitView(color=color, idle=True).model_dump(mode="json"))  # type: ignore[arg-type]
 
@@ -313,8 +299,8 @@ class _Api:
         return web.json_response(self._openapi)
 
 
-def build_v1_app(app: App) -> web.Application:
-    api = _Api(app)
+def build_v1_app(app: Process, tokens: Mapping[str, str]) -> web.Application:
+    api = _Api(app, tokens)
     v1 = web.Application(middlewares=[_json_errors, api.authenticate])
     v1.router.add_get("/state", api.get_state)
     v1.router.add_post("/flip", api.flip)
@@ -324,161 +310,3 @@ def build_v1_app(app: App) -> web.Application:
     v1.router.add_post("/drain/wait", api.drain_wait)
     v1.router.add_get("/openapi.json", api.get_openapi)
     return v1
-
-
-# ---------------------------------------------------------------------------------------------- OpenAPI
-
-_REF = "#/components/schemas/{model}"
-_ERRORS = {
-    400: "Malformed JSON or If-Match header.",
-    401: "Tokens are configured and the request has no valid bearer token.",
-    408: "The color still had open exchanges when the timeout passed.",
-    409: "Stale If-Match version, a flip without `to` while both colors have weight, or weight for a "
-    "color with no healthy upstream (without force). Nothing changed.",
-    415: "The body is not application/json.",
-    422: "The body does not validate; one detail line per bad field.",
-    500: "The change could not be saved to the state file. Nothing changed.",
-}
-
-
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
-    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((m, "validation") for m in (FlipRequest, WeightsRequest)),
-        *(
-            (m, "serialization")
-            for m in (StateView, EventsView, ErrorView, HealthView, ReadyView, PoolsHealthView, DrainWaitView)
-        ),
-    ]
-    refs, top = models_json_schema(models, ref_template=_REF)
-    schema_of = {model: schema for (model, _mode), schema in refs.items()}
-
-    def content(model: type[BaseModel]) -> dict[str, Any]:
-        return {"application/json": {"schema": schema_of[model]}}
-
-    def ok(model: type[BaseModel]) -> dict[str, Any]:
-        return {"description": "OK", "content": content(model)}
-
-    def answers(success: dict[str, Any], *errors: int) -> dict[str, Any]:
-        result = {"200": success}
-        for status in (401, *errors):
-            result[str(status)] = {"description": _ERRORS[status], "content": content(ErrorView)}
-        return result
-
-    if_match = {
-        "name": "If-Match",
-        "in": "header",
-        "required": False,
-        "description": 'Apply only if the state is still at this version (7 or "7"); else 409.',
-        "schema": {"type": "string", "pattern": '^("[0-9]+"|[0-9]+)$'},
-    }
-    state_ok = {
-        **ok(StateView),
-        "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
-    }
-    change_errors = (400, 409, 415, 422, 500)
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "bgproxy admin API",
-            "version": __version__,
-            "description": "Flip and weight traffic between the blue and the green pool. Every error "
-            "answer is an Error object; 404 and 405 answers too.",
-        },
-        "components": {
-            "schemas": top["$defs"],
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        # The empty requirement: no token is needed while admin.tokens is empty.
-        "security": [{"bearer": []}, {}],
-        "paths": {
-            "/v1/state": {
-                "get": {
-                    "operationId": "getState",
-                    "summary": "Weights, live color, version and pools.",
-                    "responses": answers(state_ok),
-                }
-            },
-            "/v1/flip": {
-                "post": {
-                    "operationId": "flip",
-                    "summary": "Send all traffic to one color (default: the one not live now).",
-                    "description": "Flipping to the color already live changes nothing and answers 200.",
-                    "parameters": [if_match],
-                    "requestBody": {"required": False, "content": content(FlipRequest)},
-                    "responses": answers(state_ok, *change_errors),
-                }
-            },
-            "/v1/weights": {
-                "put": {
-                    "operationId": "setWeights",
-                    "summary": "Split traffic by relative weights.",
-                    "parameters": [if_match],
-                    "requestBody": {"required": True, "content": content(WeightsRequest)},
-                    "responses": answers(state_ok, *change_errors),
-                }
-            },
-            "/v1/events": {
-                "get": {
-                    "operationId": "getEvents",
-                    "summary": "Audit log of applied changes.",
-                    "responses": answers(ok(EventsView)),
-                }
-            },
-            "/v1/pools": {
-                "get": {
-                    "operationId": "getPools",
-                    "summary": "Each upstream's health: state, ejection, last check.",
-                    "responses": answers(ok(PoolsHealthView)),
-                }
-            },
-            "/v1/drain/wait": {
-                "post": {
-                    "operationId": "drainWait",
-                    "summary": "Wait until a color has no open exchange (e.g. before stopping its servers).",
-                    "parameters": [
-                        {"name": "color", "in": "query", "required": True, "schema": {"enum": list(COLORS)}},
-                        {
-                            "name": "timeout",
-                            "in": "query",
-                            "required": False,
-                            "description": "Seconds or a duration like 30s, 2m (default 60).",
-                            "schema": {"type": "string"},
-                        },
-                    ],
-                    "responses": answers(ok(DrainWaitView), 408, 422),
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "operationId": "getOpenapi",
-                    "summary": "This document.",
-                    "responses": answers(
-                        {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    ),
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "healthz",
-                    "summary": "The process is alive.",
-                    "security": [],
-                    "responses": {"200": ok(HealthView)},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "readyz",
-                    "summary": "Whether bgproxy takes traffic: 503 while starting or shutting down.",
-                    "security": [],
-                    "responses": {
-                        "200": ok(ReadyView),
-                        "503": {"description": "Not serving", "content": content(ReadyView)},
-                    },
-                }
-            },
-        },
-    }

@@ -22,10 +22,12 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from .config import parse_duration
+from ..config import parse_duration
+from ..core.colors import Color
+from ..core.weights import check_some_traffic
+from ..validation import describe
 
-ColorName = Literal["blue", "green"]
-# Formatted by state_store.rfc3339, like the state file, so API and file always agree to the character.
+# Formatted by core.timefmt.rfc3339, like the state file, so API and file always agree to the character.
 Timestamp = Annotated[
     str, Field(json_schema_extra={"format": "date-time"}, examples=["2024-05-01T12:00:00.250000Z"])
 ]
@@ -53,7 +55,7 @@ class _Model(BaseModel):
 class FlipRequest(_Model):
     """Body of POST /v1/flip; may be omitted entirely."""
 
-    to: ColorName | None = Field(
+    to: Color | None = Field(
         default=None, description="Color to send all traffic to; default: the one not live now."
     )
     drain_timeout: DrainTimeout | None = None
@@ -74,8 +76,7 @@ class WeightsRequest(_Model):
 
     @model_validator(mode="after")
     def _someone_gets_traffic(self) -> Self:
-        if self.blue == 0 and self.green == 0:
-            raise ValueError("at least one color needs a weight > 0 (got blue=0, green=0)")
+        check_some_traffic(self.blue, self.green)
         return self
 
 
@@ -141,7 +142,7 @@ class PoolsHealthView(_Model):
 
 
 class DrainWaitView(_Model):
-    color: ColorName
+    color: Color
     idle: Literal[True] = Field(description="The color has no open exchange left.")
 
 
@@ -154,9 +155,7 @@ class StateView(_Model):
     """The switch state; its version grows by one with every applied change."""
 
     weights: WeightsView
-    active: ColorName | None = Field(
-        description="The only color with weight > 0; null while both have weight."
-    )
+    active: Color | None = Field(description="The only color with weight > 0; null while both have weight.")
     version: int
     updated_at: Timestamp
     pools: PoolsView
@@ -195,16 +194,9 @@ class ReadyView(_Model):
 
 # ---------------------------------------------------------------------------------------------- errors
 
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required",
-    "greater_than_equal": "must be >= {ge}",
+# JSON has objects and integers where YAML has mappings and whole numbers.
+_JSON_DIALECT = {
     "int_type": "must be an integer",
-    "string_type": "must be a string",
-    "string_too_short": "must not be empty",
-    "string_too_long": "must be at most {max_length} characters",
-    "string_pattern_mismatch": "must not contain control characters",
-    "literal_error": "must be {expected}",
     "model_type": "must be a JSON object",
     "model_attributes_type": "must be a JSON object",
 }
@@ -222,14 +214,8 @@ def error_lines(exc: ValidationError, body: str) -> list[str]:
 
 
 def _line(error: ErrorDetails, body: str) -> str:
-    ctx = error.get("ctx", {})
-    if error["type"] == "value_error":
-        message = str(ctx["error"])
-    else:
-        template = _MESSAGES.get(error["type"])
-        message = template.format(**ctx) if template else error["msg"]
+    message = describe(error, _JSON_DIALECT)
     where = ".".join([body, *(str(part) for part in error["loc"])])
-    # Whole-body value errors already quote what they refer to.
-    if error["type"] == "missing" or (error["type"] == "value_error" and not error["loc"]):
+    if error["type"] == "missing":
         return f"{where}: {message}"
     return f"{where}: {message} (got {_json_text(error['input'])})"

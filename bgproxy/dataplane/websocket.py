@@ -16,13 +16,12 @@ _PAYLOAD = 1
 class FrameTracker:
     """Follows frame boundaries in one direction of a WebSocket connection."""
 
-    __slots__ = ("_head", "_remaining", "_state", "frames", "saw_close")
+    __slots__ = ("_head", "_remaining", "_state", "saw_close")
 
     def __init__(self) -> None:
         self._state = _HEADER
         self._head = b""  # a frame header split across reads
         self._remaining = 0  # payload bytes left in the current frame
-        self.frames = 0  # whole frames seen
         self.saw_close = False  # a close frame (opcode 8) went by
 
     @property
@@ -95,7 +94,6 @@ class FrameTracker:
 
     def _frame_done(self) -> None:
         self._state = _HEADER
-        self.frames += 1
 
 
 def close_frame(code: int, reason: str, *, masked: bool) -> bytes:

@@ -11,7 +11,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Sequence
 
-from .switching import COLORS
+from ..core.colors import COLORS
 
 NONE_COLOR = "none"  # requests refused before a color was chosen
 
@@ -57,8 +57,6 @@ class ColorStats:
         self._win_second = [-1] * window  # which second each bucket currently holds
         self._win_requests = [0] * window
         self._win_errors = [0] * window
-        # Set by an upstream error that ends its exchange right away (see upstream_error), so the
-        # response() that follows in the same call stack counts as an error whatever its status.
 
     def response(self, status: int, duration: float, now: float, broken: bool = False) -> None:
         """One answered request; `now` is the loop's monotonic time (for rolling windows).

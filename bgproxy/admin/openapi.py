@@ -1,0 +1,181 @@
+"""The OpenAPI 3.1 document of the admin listener, its schemas generated from the API models.
+
+Generated from the same models that validate requests and shape answers, so it cannot drift from
+what the server does; tests/test_openapi.py checks every answer against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from .. import __version__
+from ..core.colors import COLORS
+from .models import (
+    DrainWaitView,
+    ErrorView,
+    EventsView,
+    FlipRequest,
+    HealthView,
+    PoolsHealthView,
+    ReadyView,
+    StateView,
+    WeightsRequest,
+)
+
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    400: "Malformed JSON or If-Match header.",
+    401: "Tokens are configured and the request has no valid bearer token.",
+    408: "The color still had open exchanges when the timeout passed.",
+    409: "Stale If-Match version, a flip without `to` while both colors have weight, or weight for a "
+    "color with no healthy upstream (without force). Nothing changed.",
+    415: "The body is not application/json.",
+    422: "The body does not validate; one detail line per bad field.",
+    500: "The change could not be saved to the state file. Nothing changed.",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        *((m, "validation") for m in (FlipRequest, WeightsRequest)),
+        *(
+            (m, "serialization")
+            for m in (StateView, EventsView, ErrorView, HealthView, ReadyView, PoolsHealthView, DrainWaitView)
+        ),
+    ]
+    refs, top = models_json_schema(models, ref_template=_REF)
+    schema_of = {model: schema for (model, _mode), schema in refs.items()}
+
+    def content(model: type[BaseModel]) -> dict[str, Any]:
+        return {"application/json": {"schema": schema_of[model]}}
+
+    def ok(model: type[BaseModel]) -> dict[str, Any]:
+        return {"description": "OK", "content": content(model)}
+
+    def answers(success: dict[str, Any], *errors: int) -> dict[str, Any]:
+        result = {"200": success}
+        for status in (401, *errors):
+            result[str(status)] = {"description": _ERRORS[status], "content": content(ErrorView)}
+        return result
+
+    if_match = {
+        "name": "If-Match",
+        "in": "header",
+        "required": False,
+        "description": 'Apply only if the state is still at this version (7 or "7"); else 409.',
+        "schema": {"type": "string", "pattern": '^("[0-9]+"|[0-9]+)$'},
+    }
+    state_ok = {
+        **ok(StateView),
+        "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
+    }
+    change_errors = (400, 409, 415, 422, 500)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "bgproxy admin API",
+            "version": __version__,
+            "description": "Flip and weight traffic between the blue and the green pool. Every error "
+            "answer is an Error object; 404 and 405 answers too.",
+        },
+        "components": {
+            "schemas": top["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        # The empty requirement: no token is needed while admin.tokens is empty.
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/state": {
+                "get": {
+                    "operationId": "getState",
+                    "summary": "Weights, live color, version and pools.",
+                    "responses": answers(state_ok),
+                }
+            },
+            "/v1/flip": {
+                "post": {
+                    "operationId": "flip",
+                    "summary": "Send all traffic to one color (default: the one not live now).",
+                    "description": "Flipping to the color already live changes nothing and answers 200.",
+                    "parameters": [if_match],
+                    "requestBody": {"required": False, "content": content(FlipRequest)},
+                    "responses": answers(state_ok, *change_errors),
+                }
+            },
+            "/v1/weights": {
+                "put": {
+                    "operationId": "setWeights",
+                    "summary": "Split traffic by relative weights.",
+                    "parameters": [if_match],
+                    "requestBody": {"required": True, "content": content(WeightsRequest)},
+                    "responses": answers(state_ok, *change_errors),
+                }
+            },
+            "/v1/events": {
+                "get": {
+                    "operationId": "getEvents",
+                    "summary": "Audit log of applied changes.",
+                    "responses": answers(ok(EventsView)),
+                }
+            },
+            "/v1/pools": {
+                "get": {
+                    "operationId": "getPools",
+                    "summary": "Each upstream's health: state, ejection, last check.",
+                    "responses": answers(ok(PoolsHealthView)),
+                }
+            },
+            "/v1/drain/wait": {
+                "post": {
+                    "operationId": "drainWait",
+                    "summary": "Wait until a color has no open exchange (e.g. before stopping its servers).",
+                    "parameters": [
+                        {"name": "color", "in": "query", "required": True, "schema": {"enum": list(COLORS)}},
+                        {
+                            "name": "timeout",
+                            "in": "query",
+                            "required": False,
+                            "description": "Seconds or a duration like 30s, 2m (default 60).",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": answers(ok(DrainWaitView), 408, 422),
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "operationId": "getOpenapi",
+                    "summary": "This document.",
+                    "responses": answers(
+                        {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    ),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "The process is alive.",
+                    "security": [],
+                    "responses": {"200": ok(HealthView)},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Whether bgproxy takes traffic: 503 while starting or shutting down.",
+                    "security": [],
+                    "responses": {
+                        "200": ok(ReadyView),
+                        "503": {"description": "Not serving", "content": content(ReadyView)},
+                    },
+                }
+            },
+        },
+    }

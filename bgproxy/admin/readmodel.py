@@ -1,0 +1,35 @@
+"""What the admin side sees of a running bgproxy: a narrow, typed view instead of the App itself."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..control.controller import Controller
+from ..control.drain import Drainer
+from ..core.switchboard import Switchboard
+from ..dataplane.runtime import Runtime
+from ..dataplane.stats import Stats
+
+
+class Process(Protocol):
+    """A started bgproxy process, as the admin handlers, metrics and probes read it."""
+
+    @property
+    def switchboard(self) -> Switchboard:
+        """The switch state; read only here, changed through ``controller``."""
+
+    @property
+    def controller(self) -> Controller: ...
+
+    @property
+    def drainer(self) -> Drainer: ...
+
+    @property
+    def runtime(self) -> Runtime:
+        """The data plane: live pools, exchanges in flight, its clock."""
+
+    @property
+    def stats(self) -> Stats: ...
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to take traffic, and why not (for /readyz)."""

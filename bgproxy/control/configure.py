@@ -1,0 +1,49 @@
+"""From the validated config to what the data plane runs with: frozen settings and color pools."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..core.colors import COLORS
+from ..core.health import OutlierPolicy
+from ..dataplane.pool import ColorPool, Upstream
+from ..dataplane.settings import Settings
+
+
+def dataplane_settings(config: Config) -> Settings:
+    """The data plane's timeouts and limits, copied once so it never reads the pydantic models."""
+    t = config.timeouts
+    limits = config.limits
+    return Settings(
+        connect_timeout=t.connect,
+        upstream_header_timeout=t.upstream_header,
+        stream_idle_timeout=t.stream_idle or 0.0,
+        client_header_timeout=t.client_header,
+        idle_timeout=t.idle,
+        upstream_idle=t.upstream_idle,
+        max_header_bytes=limits.max_header_bytes,
+        max_body_bytes=-1 if limits.max_body_bytes is None else limits.max_body_bytes,
+        max_connections=limits.max_connections,
+        via=config.forwarding.via.encode(),
+        access_log=config.logging.access_log,
+        trusted_proxies=tuple(config.forwarding.trusted_proxies),
+    )
+
+
+def color_pools(config: Config) -> dict[str, ColorPool]:
+    """One pool per color with the configured upstreams, all healthy until checked."""
+    pools: dict[str, ColorPool] = {}
+    for color in COLORS:
+        pc = config.pools.get(color)
+        ups = [Upstream(color, hp.host, hp.port, pc.max_idle_per_upstream) for hp in pc.upstreams]
+        pools[color] = ColorPool(color, ups, pc.balance)
+    return pools
+
+
+def outlier_policy(config: Config, color: str) -> OutlierPolicy:
+    o = config.pools.get(color).outlier
+    return OutlierPolicy(
+        consecutive_failures=o.consecutive_failures,
+        base_ejection_time=o.base_ejection_time,
+        max_ejection_time=o.max_ejection_time,
+        max_ejection_percent=o.max_ejection_percent,
+    )

@@ -1,0 +1,93 @@
+"""Draining: the I/O half of what the Switchboard decides.
+
+When a color loses all its weight the Switchboard records a Drain (pure bookkeeping in core). The
+Drainer acts on it: the data plane stops pooling the color's idle connections and counts its
+exchanges as they end; the Drainer waits until the color is idle or the deadline passes, and at
+the deadline closes what is left (WebSockets with a 1001 close frame at a frame boundary).
+Graceful shutdown is the same procedure applied to every color.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..core.colors import COLORS, Color
+from ..core.drain import Drain
+from ..core.switchboard import Switchboard, SwitchResult
+from ..dataplane.runtime import Runtime
+
+log = logging.getLogger("bgproxy.drain")
+
+# After a close frame, how long the peers get to answer it before the TCP connections go.
+CLOSE_GRACE = 1.0
+
+
+class Drainer:
+    """Carries out drains and the shutdown drain; one per process."""
+
+    def __init__(self, runtime: Runtime, switchboard: Switchboard) -> None:
+        self._runtime = runtime
+        self._board = switchboard
+        self._tasks: dict[Color, asyncio.Task[None]] = {}
+
+    def on_switch(self, result: SwitchResult) -> None:
+        """After an applied change: cancel the drains it ended, start the ones it began."""
+        for color in result.cancelled_draining:
+            self._stop(color)
+            log.info("drain cancelled", extra={"color": color})
+        for drain in result.started_draining:
+            self._start(drain)
+
+    def _start(self, drain: Drain) -> None:
+        runtime = self._runtime
+        color = drain.color
+        runtime.start_draining(color)
+        log.info("drain started", extra={"color": color, "in_flight": len(runtime.active[color])})
+        if not runtime.active[color]:
+            self._finish(color)
+            return
+        self._tasks[color] = runtime.loop.create_task(self._run(drain))
+
+    async def _run(self, drain: Drain) -> None:
+        color = drain.color
+        if not await self.wait_idle(color, max(0.0, drain.deadline - time.time())):
+            left = list(self._runtime.active[color])
+            log.info("drain deadline reached", extra={"color": color, "closing": len(left)})
+            for ex in left:
+                ex.close_at_deadline(CLOSE_GRACE)
+        self._tasks.pop(color, None)
+        self._finish(color)
+
+    def _stop(self, color: Color) -> None:
+        self._runtime.stop_draining(color)
+        task = self._tasks.pop(color, None)
+        if task is not None:
+            task.cancel()
+
+    def _finish(self, color: Color) -> None:
+        self._stop(color)
+        self._board.finish_drain(color)
+        log.info("drain finished", extra={"color": color})
+
+    async def wait_idle(self, color: str, within: float) -> bool:
+        """True once `color` has no open exchange, False if `within` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._runtime.idle(color), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def shutdown(self, within: float) -> None:
+        """Let in-flight exchanges finish for `within` seconds, then close what is left like a drain."""
+        runtime = self._runtime
+        runtime.begin_shutdown()
+        deadline = runtime.loop.time() + within
+        for color in COLORS:
+            left = deadline - runtime.loop.time()
+            if not await self.wait_idle(color, max(left, 0.0)):
+                for ex in list(runtime.active[color]):
+                    ex.close_at_deadline(CLOSE_GRACE)
+        for color in COLORS:  # give close frames their grace, then stop waiting
+            await self.wait_idle(color, CLOSE_GRACE + 0.5)

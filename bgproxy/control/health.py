@@ -1,0 +1,172 @@
+"""Upstream health: active HTTP probes and passive outlier ejection (after Envoy's outlier_detection).
+
+Both end in one flag the hot path reads, `Upstream.available`, so a request pays nothing for
+health beyond one attribute check when it picks an upstream and one counter when it is answered.
+The decisions (when an upstream turns, when it is ejected and for how long) are core.health's; this
+module runs the probes, keeps the clocks and applies the verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+from ..config import HealthCheckConfig
+from ..core.colors import COLORS
+from ..core.errors import SwitchError
+from ..core.health import CheckState, OutlierPolicy, after_check, after_failure
+from ..core.weights import Weights
+from ..dataplane.pool import ColorPool, Upstream
+
+log = logging.getLogger("bgproxy.health")
+
+
+async def probe(up: Upstream, check: HealthCheckConfig) -> tuple[bool, str]:
+    """One active check: GET the health path on a fresh connection. Returns (ok, what happened)."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(check.timeout):
+            reader, writer = await asyncio.open_connection(up.host, up.port)
+            host = up.addr.encode()  # Host: host:port, IPv6 in brackets
+            writer.write(
+                b"GET " + check.path.encode() + b" HTTP/1.1\r\nHost: " + host
+                + b"\r\nUser-Agent: bgproxy-health\r\nConnection: close\r\n\r\n"
+            )  # fmt: skip
+            line = await reader.readline()
+    except TimeoutError:
+        return False, f"no answer within {check.timeout:g}s"
+    except OSError as exc:
+        return False, f"connect failed: {exc.strerror or exc}"
+    finally:
+        if writer is not None:
+            writer.close()
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return False, f"not an HTTP response: {line[:40]!r}"
+    status = int(parts[1])
+    return check.accepts(status), f"HTTP {status}"
+
+
+class HealthMonitor:
+    """Runs the active probes and applies passive ejections for every pool.
+
+    It is the data plane's Reporter: the data plane calls upstream_failed() for each connect
+    failure or 5xx answer.
+    """
+
+    def __init__(
+        self,
+        pools: dict[str, ColorPool],
+        checks: dict[str, HealthCheckConfig | None],
+        policies: dict[str, OutlierPolicy],
+    ) -> None:
+        self._pools = pools
+        self._checks = checks
+        self._policies = policies
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for color, pool in self._pools.items():
+            check = self._checks[color]
+            if check is None:
+                continue
+            for up in pool.upstreams:
+                self._tasks.append(loop.create_task(self._probe_loop(up, check)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _probe_loop(self, up: Upstream, check: HealthCheckConfig) -> None:
+        # Spread the probes over the interval so a big pool is not checked all at once.
+        await asyncio.sleep(random.uniform(0, check.interval))
+        while True:
+            ok, detail = await probe(up, check)
+            self.record_check(up, check, ok, detail)
+            await asyncio.sleep(check.interval * random.uniform(0.9, 1.1))
+
+    def record_check(self, up: Upstream, check: HealthCheckConfig, ok: bool, detail: str) -> None:
+        up.last_check = (time.time(), ok, detail)
+        state = after_check(
+            CheckState(up.healthy, up.check_passes, up.check_fails),
+            ok,
+            check.healthy_threshold,
+            check.unhealthy_threshold,
+        )
+        turned = state.healthy != up.healthy
+        up.healthy, up.check_passes, up.check_fails = state.healthy, state.passes, state.fails
+        if turned:
+            fields = {"color": up.color, "upstream": up.addr, "check": detail}
+            if up.healthy:
+                log.info("upstream healthy", extra=fields)
+            else:
+                log.warning("upstream unhealthy", extra=fields)
+        up.refresh()
+
+    # -- passive (the data plane's Reporter) ------------------------------------------------------
+    def upstream_failed(self, up: Upstream) -> None:
+        """A connect failure or a 5xx answer from `up`."""
+        pool = self._pools[up.color].upstreams
+        verdict = after_failure(
+            self._policies[up.color],
+            failures=up.failures,
+            ejected=bool(up.ejected_until),
+            ejections=up.ejections,
+            pool_ejected=sum(1 for u in pool if u.ejected_until),
+            pool_size=len(pool),
+            now=time.time(),
+        )
+        up.failures = verdict.failures
+        if verdict.action == "spare":
+            log.warning(
+                "ejection skipped: max_ejection_percent reached",
+                extra={"color": up.color, "upstream": up.addr, "pool": len(pool)},
+            )
+        elif verdict.action == "eject":
+            up.ejections = verdict.ejections
+            up.ejected_until = verdict.until
+            up.refresh()
+            asyncio.get_running_loop().call_later(verdict.seconds, self._readmit, up)
+            log.warning(
+                "upstream ejected",
+                extra={
+                    "color": up.color,
+                    "upstream": up.addr,
+                    "seconds": verdict.seconds,
+                    "ejections": up.ejections,
+                },
+            )
+
+    def _readmit(self, up: Upstream) -> None:
+        up.ejected_until = 0.0
+        up.refresh()
+        log.info("upstream returned from ejection", extra={"color": up.color, "upstream": up.addr})
+
+
+def readiness(pools: dict[str, ColorPool], weights: Weights) -> tuple[bool, str]:
+    """Whether live traffic has an upstream to go to, and if not, which colors lack one."""
+    live = [color for color in COLORS if weights.of(color)]
+    if not any(pools[color].serving for color in live):
+        return False, f"no healthy upstream for live traffic ({', '.join(live)})"
+    return True, "serving"
+
+
+def refuse_dead_colors(pools: dict[str, ColorPool], before: Weights, after: Weights) -> None:
+    """Controller guard: no weight goes to a color that has no healthy upstream to take it."""
+    for color in COLORS:
+        if after.of(color) > before.of(color):
+            pool = pools[color]
+            if not pool.serving:
+                down = ", ".join(up.addr for up in pool.upstreams) or "none configured"
+                raise SwitchError(
+                    f"{color} has no healthy upstream (down: {down}); nothing changed. "
+                    'Send "force": true to apply anyway.'
+                )

@@ -1,0 +1,40 @@
+"""The data plane's settings: a frozen copy of the validated config's timeouts, limits and forwarding.
+
+Built once by the control plane (bgproxy.control.configure) so the compiled data plane needs neither
+pydantic nor the config module; frozen, so a running exchange can never see it change under it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Seconds for timeouts; ``stream_idle_timeout`` 0.0 means off; ``max_body_bytes`` -1, no limit."""
+
+    connect_timeout: float = 2.0
+    upstream_header_timeout: float = 30.0
+    stream_idle_timeout: float = 300.0
+    client_header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    upstream_idle: float = 20.0
+    max_header_bytes: int = 65536
+    max_body_bytes: int = -1
+    max_connections: int = 10000
+    via: bytes = b"bgproxy"
+    access_log: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def is_trusted(self, ip: str) -> bool:
+        """Whether a peer's X-Forwarded-* headers may be appended to rather than replaced."""
+        if not self.trusted_proxies:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_proxies)
