@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
+from .core.address import host_port
+
 # Refreshes itself every second so a flip or a weight change shows up without touching the browser.
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="1">
@@ -106,7 +108,7 @@ class DemoUpstreams:
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port)
         await site.start()
-        upstream.addr = f"[{host}]:{site.port}" if ":" in host else f"{host}:{site.port}"
+        upstream.addr = host_port(host, site.port)
         self.addresses.setdefault(color, []).append(upstream.addr)
 
     async def close(self) -> None:

@@ -535,21 +535,19 @@ async def test_five_500s_in_a_row_eject_for_a_time_that_grows(
         )
         up = ups(proxy, "blue")[bad.addr]
 
-        async def until_ejected() -> tuple[Counter[int], float, float]:
-            """Send requests until `bad` is ejected; (statuses, when, how long it is out for)."""
+        async def until_ejected() -> tuple[Counter[int], float]:
+            """Send requests until `bad` is ejected; (statuses, when). How long: core.health's tables."""
             statuses: Counter[int] = Counter()
             for _ in range(40):
                 async with session.get(proxy.url + "/echo") as resp:
                     await resp.read()
                     statuses[resp.status] += 1
                 if up.ejected_until:
-                    now = time.time()
-                    return statuses, time.monotonic(), up.ejected_until - now
+                    return statuses, time.monotonic()
             pytest.fail(f"never ejected: {statuses}")
 
-        statuses, ejected_at, first = await until_ejected()
+        statuses, ejected_at = await until_ejected()
         assert statuses[500] == 5  # five in a row, no sooner
-        assert base - 0.1 < first <= base
 
         view = await health_view(session, proxy, "blue")
         assert view[bad.addr]["state"] == "ejected"
@@ -569,10 +567,9 @@ async def test_five_500s_in_a_row_eject_for_a_time_that_grows(
         first_out = time.monotonic() - ejected_at
         assert (await health_view(session, proxy, "blue"))[bad.addr]["state"] == "healthy"
 
-        statuses, ejected_at, second = await until_ejected()  # back in rotation, it fails again
+        statuses, ejected_at = await until_ejected()  # back in rotation, it fails again
         assert statuses[500] + late == 5
         assert bad.requests == served + 5
-        assert 2 * base - 0.1 < second <= 2 * base  # base * number of ejections
         assert (await health_view(session, proxy, "blue"))[bad.addr]["ejections"] == 2
         await eventually(lambda: not up.ejected_until, 2, "bad returns again")
         second_out = time.monotonic() - ejected_at
@@ -585,36 +582,6 @@ async def test_five_500s_in_a_row_eject_for_a_time_that_grows(
         (bad.addr, 2 * base, 2),
     ]
     assert [r.upstream for r in returned] == [bad.addr, bad.addr]  # type: ignore[attr-defined]
-
-
-async def test_ejection_time_is_capped_by_max_ejection_time(make_proxy: MakeProxy) -> None:
-    async with origins("blue", 2) as (bad, good), aiohttp.ClientSession() as session:
-        bad.fail_ratio = 1
-        proxy = await make_proxy(
-            pools={
-                "blue": pool(
-                    [bad.addr, good.addr],
-                    consecutive_failures=1,
-                    base_ejection_time=0.2,
-                    max_ejection_time=0.5,
-                ),
-                "green": pool([good.addr]),
-            }
-        )
-        up = ups(proxy, "blue")[bad.addr]
-        lengths = []
-        for _ in range(3):
-            for _ in range(4):
-                async with session.get(proxy.url + "/echo") as resp:
-                    await resp.read()
-                if up.ejected_until:
-                    break
-            assert up.ejected_until
-            lengths.append(up.ejected_until - time.time())
-            await eventually(lambda: not up.ejected_until, 2, "returns")
-    # base * n (0.2, 0.4, 0.6) capped at 0.5; each read a moment after the ejection began
-    for got, expected in zip(lengths, [0.2, 0.4, 0.5], strict=True):
-        assert expected - 0.1 < got <= expected
 
 
 @pytest.mark.parametrize(

@@ -115,12 +115,13 @@ class HealthMonitor:
     def upstream_failed(self, up: Upstream) -> None:
         """A connect failure or a 5xx answer from `up`."""
         pool = self._pools[up.color].upstreams
+        pool_ejected = sum(1 for u in pool if u.ejected_until)
         verdict = after_failure(
             self._policies[up.color],
             failures=up.failures,
             ejected=bool(up.ejected_until),
             ejections=up.ejections,
-            pool_ejected=sum(1 for u in pool if u.ejected_until),
+            pool_ejected=pool_ejected,
             pool_size=len(pool),
             now=time.time(),
         )
@@ -128,7 +129,7 @@ class HealthMonitor:
         if verdict.action == "spare":
             log.warning(
                 "ejection skipped: max_ejection_percent reached",
-                extra={"color": up.color, "upstream": up.addr, "pool": len(pool)},
+                extra={"color": up.color, "upstream": up.addr, "ejected": pool_ejected, "pool": len(pool)},
             )
         elif verdict.action == "eject":
             up.ejections = verdict.ejections

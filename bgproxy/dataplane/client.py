@@ -31,9 +31,10 @@ from .stats import NONE_COLOR
 from .tunnel import Tunnel
 
 # Why client reading is paused (a bit set: reading resumes when no reason is left).
-_WAIT = 1  # the request's upstream is not connected yet, or it waits its pipelined turn
+_WAIT = 1  # the current request's upstream is not connected yet (or an Upgrade awaits its 101)
 _BACKPRESSURE = 2  # the upstream's write buffer is above its high-water mark
 _REFUSED = 4  # a pipelined request was refused: read nothing more
+_QUEUED = 8  # a pipelined request waits its turn: read no further ones meanwhile
 
 
 class ClientConnection:
@@ -221,7 +222,7 @@ class ClientConnection:
             self.current = self.to_start = ex
         else:
             self.queue.append(ex)
-            self.pause(_WAIT)
+            self.pause(_QUEUED)
 
     def on_body(self, body: bytes) -> None:
         if self.reading is not None:
@@ -300,6 +301,8 @@ class ClientConnection:
             return
         if self.queue:
             nxt = self.current = self.queue.popleft()
+            if not self.queue:
+                self.resume(_QUEUED)
             nxt.start()
             return
         if self.refusal is not None:
