@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import SwitchError
-from ..core.jsontext import loads_strict
+from ..core.jsontext import exact_keys, loads_strict
 from ..core.timefmt import parse_rfc3339, rfc3339
 from ..core.weights import Weights
 
@@ -129,12 +129,7 @@ def _decode(data: Any) -> PersistedState:
         raise ValueError(
             f"format must be {FORMAT} (got {data.get('format')!r}); it may be from another version"
         )
-    for key in data:
-        if key not in _KEYS:
-            raise ValueError(f"unknown key {key!r}")
-    for key in _KEYS:
-        if key not in data:
-            raise ValueError(f"missing key {key!r}")
+    exact_keys(data, _KEYS, "the state")
     weights = Weights.from_mapping(data["weights"])
     version = data["version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -19,6 +20,17 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"duplicate key {key!r}")
         result[key] = value
     return result
+
+
+def exact_keys(data: Mapping[Any, object], keys: Sequence[str], what: str) -> None:
+    """ValueError naming the first key of ``data`` that is not one of ``keys``, or the first missing."""
+    expected = " and ".join(", ".join(repr(k) for k in keys).rsplit(", ", 1))
+    for key in data:
+        if key not in keys:
+            raise ValueError(f"unknown key {key!r} in {what}: expected exactly {expected}")
+    for key in keys:
+        if key not in data:
+            raise ValueError(f"missing key {key!r} in {what}: expected exactly {expected}")
 
 
 def loads_strict(text: str | bytes) -> Any:

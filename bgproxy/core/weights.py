@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .colors import COLORS, Color, check_color
 from .errors import SwitchError
+from .jsontext import exact_keys
 
 NO_TRAFFIC = "at least one color needs a weight > 0"
 
@@ -44,12 +45,10 @@ class Weights:
         """Build from untrusted input (a JSON body, a state file), naming the first bad key."""
         if not isinstance(m, Mapping):
             raise SwitchError(f"weights must be a mapping with keys 'blue' and 'green', got {m!r}")
-        for key in m:
-            if key not in COLORS:
-                raise SwitchError(f"unknown key {key!r} in weights: expected exactly 'blue' and 'green'")
-        for color in COLORS:
-            if color not in m:
-                raise SwitchError(f"missing key {color!r} in weights: expected exactly 'blue' and 'green'")
+        try:
+            exact_keys(m, COLORS, "weights")
+        except ValueError as exc:
+            raise SwitchError(str(exc)) from None
         return cls(blue=check_weight("blue", m["blue"]), green=check_weight("green", m["green"]))
 
     def of(self, color: Color) -> int:
