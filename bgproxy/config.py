@@ -307,6 +307,8 @@ class Timeouts(_Section):
     idle: Duration = 60.0
     upstream_idle: Duration = 20.0
     stream_idle: Duration | None = 300.0
+    client_send: Duration | None = 60.0
+    tunnel: Duration | None = 3600.0
 
 
 class Limits(_Section):

@@ -68,6 +68,7 @@ class RawClient:
         self.reader = reader
         self.writer = writer
         self.closed = False  # the server closed the connection
+        self.reset = False  # ... with a reset (how bgproxy cuts a response short)
 
     @classmethod
     async def connect(cls, port: int) -> RawClient:
@@ -81,7 +82,7 @@ class RawClient:
     async def responses(
         self, count: int = 1, *, head_only: bool = False, timeout: float = 5.0
     ) -> list[Response]:
-        """Read until `count` final responses (1xx ones are included but not counted) or EOF.
+        """Read until `count` final responses (1xx ones are included but not counted), EOF or a reset.
 
         count=0 reads until one interim (1xx) response has arrived.
         """
@@ -94,7 +95,10 @@ class RawClient:
 
         async with asyncio.timeout(timeout):
             while not satisfied():
-                data = await self.reader.read(65536)
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    self.reset, data = True, b""
                 if not data:
                     self.closed = True
                     if col.cur.status and not col.cur.complete and col.cur not in col.done:

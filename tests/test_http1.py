@@ -355,3 +355,41 @@ def test_chunks() -> None:
     assert chunk(b"hello") == [b"5\r\n", b"hello", b"\r\n"]
     assert b"".join(chunk(b"x" * 300)).startswith(b"12c\r\n")
     assert LAST_CHUNK == b"0\r\n\r\n"
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("option", [b"Content-Length", b"HOST", b"content-type, x-drop", b"Cookie"])
+def test_connection_never_removes_headers_that_carry_the_message(option: bytes) -> None:
+    headers = [*HOST, (b"Content-Length", b"3"), (b"Content-Type", b"a/b"), (b"Cookie", b"c=1"),
+               (b"X-Drop", b"x"), (b"Connection", option)]  # fmt: skip
+    kept = b"Host: a.example\r\nContent-Length: 3\r\nContent-Type: a/b\r\nCookie: c=1\r\n"
+    drop = b"X-Drop: x\r\n" if b"x-drop" not in option.lower() else b""
+    assert request(headers) == b"GET /p?q=1 HTTP/1.1\r\n" + kept + drop + ADDED + b"\r\n"
+    head, framing, _ = response(200, [(b"Connection", option), (b"Content-Length", b"2")])
+    assert (framing, b"\r\nContent-Length: 2\r\n" in head) == (ResponseFraming.LENGTH, True)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "line", "host"),
+    [
+        (b"GET", b"http://b.example/x?y", b"GET /x?y", b"b.example"),
+        (b"GET", b"http://b.example", b"GET /", b"b.example"),
+        (b"GET", b"http://b.example?y", b"GET /?y", b"b.example"),
+        (b"OPTIONS", b"http://b.example", b"OPTIONS *", b"b.example"),
+        (b"OPTIONS", b"http://b.example/", b"OPTIONS /", b"b.example"),
+        (b"GET", b"HTTPS://[::1]:8443/a", b"GET /a", b"[::1]:8443"),
+    ],
+)
+def test_absolute_form(method: bytes, target: bytes, line: bytes, host: bytes) -> None:
+    head = build_request_head(method, target, "1.1", HOST, IP, False, VIA)[HEAD_BYTES]
+    assert head.startswith(line + b" HTTP/1.1\r\nHost: " + host + b"\r\n")
+    assert b"\r\nX-Forwarded-Host: " + host + b"\r\n" in head
+
+
+@pytest.mark.parametrize("target", [b"ftp://b/", b"http://", b"http://u:p@b/", b"b.example/x", b"*x"])
+def test_targets_neither_origin_nor_absolute_form_are_refused(target: bytes) -> None:
+    with pytest.raises(Refusal) as refused:
+        build_request_head(b"GET", target, "1.1", HOST, IP, False, VIA)
+    assert refused.value.status == 400

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from rawclient import RawClient, exchange
 from upstreams import closed_port, cut_after_headers_server, origin, reset_before_headers_server
+from waiting import eventually
 
 from bgproxy import __version__
 from bgproxy.admin.metrics import error_window_state
@@ -31,14 +31,6 @@ async def scrape(proxy: RunningProxy) -> tuple[set[str], Samples]:
     families = list(text_string_to_metric_families(text))
     samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
     return {f.name for f in families}, samples
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.01)
 
 
 def val(samples: Samples, name: str, **labels: str) -> float:

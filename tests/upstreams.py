@@ -357,6 +357,32 @@ class BigHeadServer(RawServer):
         await self._record_until_eof(reader)
 
 
+class ScriptedServer(RawServer):
+    """Answers the i-th request head on a connection with ``answers[i]``, written in one piece, then
+    does ``then``: "stay" (record until EOF), "close" (FIN) or "reset" (RST)."""
+
+    def __init__(self, answers: list[bytes], then: str = "stay") -> None:
+        super().__init__()
+        self.answers = answers
+        self.then = then
+        self.release = asyncio.Event()  # "close"/"reset" wait for it: the test says when
+
+    async def behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in self.answers:
+            await self._read_head(reader)
+            writer.write(answer)
+            await writer.drain()
+        if self.then != "stay":
+            await self.release.wait()
+        if self.then == "reset":
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            writer.transport.abort()
+        elif self.then == "stay":
+            await self._record_until_eof(reader)
+
+
 def stall_after_headers_server() -> StallAfterHeadersServer:
     return StallAfterHeadersServer()
 

@@ -20,6 +20,8 @@ def dataplane_settings(config: Config) -> Settings:
         client_header_timeout=t.client_header,
         idle_timeout=t.idle,
         upstream_idle=t.upstream_idle,
+        client_send_timeout=t.client_send or 0.0,
+        tunnel_timeout=t.tunnel or 0.0,
         max_header_bytes=limits.max_header_bytes,
         max_body_bytes=-1 if limits.max_body_bytes is None else limits.max_body_bytes,
         max_connections=limits.max_connections,

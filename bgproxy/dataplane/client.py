@@ -9,6 +9,9 @@ next request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections import deque
 from typing import cast
 
@@ -36,6 +39,8 @@ _BACKPRESSURE = 2  # the upstream's write buffer is above its high-water mark
 _REFUSED = 4  # a pipelined request was refused: read nothing more
 _QUEUED = 8  # a pipelined request waits its turn: read no further ones meanwhile
 
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, never a clean FIN
+
 
 class ClientConnection:
     """Parses requests from one client, queues pipelined ones, and runs one Exchange at a time.
@@ -59,6 +64,7 @@ class ClientConnection:
         "reading",
         "refusal",
         "runtime",
+        "send_deadline",
         "to_start",
         "transport",
         "trusted",
@@ -96,6 +102,8 @@ class ClientConnection:
         self.closing = False
         self.idle = True  # between requests: a timeout closes silently instead of answering 408
         self.deadline = Deadline(runtime.loop, self._timed_out)
+        # Armed while our writes to the client are paused: a client that stops reading is let go.
+        self.send_deadline = Deadline(runtime.loop, self._send_timed_out)
 
     # -- the asyncio.Protocol interface -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,6 +148,7 @@ class ClientConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.deadline.cancel()
+        self.send_deadline.cancel()
         self.runtime.connections.discard(self)
         if self.tunnel is not None:
             self.tunnel.client_lost()
@@ -153,6 +162,9 @@ class ClientConnection:
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        limit = self.runtime.settings.client_send_timeout
+        if limit and self.tunnel is None:  # a tunnel has timeouts.tunnel instead
+            self.send_deadline.arm(limit)
         ex = self.current
         if ex is not None and ex.conn is not None:
             ex.conn.transport.pause_reading()  # type: ignore[union-attr]
@@ -161,6 +173,7 @@ class ClientConnection:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline.disarm()
         ex = self.current
         if ex is not None and ex.conn is not None:
             ex.conn.transport.resume_reading()  # type: ignore[union-attr]
@@ -327,11 +340,16 @@ class ClientConnection:
             self._close()
 
     def abort(self) -> None:
-        """Cut the connection: a truncated response must never look complete."""
+        """Cut the connection with a reset: a truncated response must never look complete."""
         self.closing = True
         self.wbuf = None
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
 
     # -- internals --------------------------------------------------------------------------------
     def _upgrade_requested(self, leftover: bytes) -> None:
@@ -373,6 +391,16 @@ class ClientConnection:
         runtime.stats.colors[NONE_COLOR].response(refusal.status, 0.0, runtime.loop.time())
         self.send(error_response(refusal.status, refusal.why, via=runtime.settings.via, close=True))
         self._close()
+
+    def _send_timed_out(self) -> None:
+        """timeouts.client_send passed with our writes paused: the client stopped reading."""
+        if not self.write_paused or self.closing:
+            return
+        limit = self.runtime.settings.client_send_timeout
+        self.runtime.error_log.warning(
+            ("client", "send_timeout"), "client stopped reading", peer=self.peer_ip, seconds=limit
+        )
+        self.abort()  # connection_lost then closes the upstream side of the exchange
 
     def _timed_out(self) -> None:
         if self.reading is not None:  # the body stalled: free the upstream connection it holds

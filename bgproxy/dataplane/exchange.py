@@ -282,10 +282,10 @@ class Exchange:
         self.response_started = True
         client.send(head)
         if self.is_head:
-            # llhttp cannot be told the response is to HEAD: finish here and give the
-            # connection a fresh parser, or it would wait for a body that never comes.
+            # llhttp cannot be told the response is to HEAD: the head is all of it, and the
+            # connection gets a fresh parser, or it would wait for a body that never comes.
             conn.reset_parser = True
-            self.response_complete(conn, upstream_keep_alive)
+            conn.finish_response(upstream_keep_alive)
 
     def stream_progress(self, conn: UpstreamConnection, now: float) -> None:
         """The upstream sent part of the response: it may now stay silent for stream_idle, no longer."""
@@ -348,14 +348,25 @@ class Exchange:
             status = 504 if reason == "response_timeout" else 502
             self.fail(status, f"{self.color} upstream {up.addr} {why}")
 
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        """The upstream connection closed while serving us."""
+    def response_overrun(self, conn: UpstreamConnection) -> None:
+        """Bytes came after the complete response: this client has all of its own, but the
+        connection is out of sync (they would become the next exchange's answer), so it goes."""
+        up = conn.upstream
+        self._log_error(up, "protocol_error", "sent bytes past the end of its response")
+        self.cstats.upstream_error(up.addr, "protocol_error")
+        self.response_complete(conn, False)
+
+    def upstream_lost(self, conn: UpstreamConnection, clean: bool) -> None:
+        """The upstream connection closed while serving us; ``clean``: a FIN, not a reset."""
         if self.response_started:
-            if self.framing in (ResponseFraming.CHUNKED, ResponseFraming.CLOSE) and self._close_delimited(
-                conn
+            if (
+                clean
+                and self.framing in (ResponseFraming.CHUNKED, ResponseFraming.CLOSE)
+                and self._close_delimited(conn)
             ):
                 self.response_complete(conn, False)
             else:
+                # A reset is never the end of a body: the client must see the cut (client.abort).
                 self.upstream_failed(conn, "reset_after_headers", "closed the connection mid-response")
             return
         up = conn.upstream

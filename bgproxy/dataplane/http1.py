@@ -80,6 +80,31 @@ _REQUEST_KINDS |= {
 }
 # Connection options that need no extra work: they are hop-by-hop already (or plain "close").
 _PLAIN_OPTIONS = HOP_BY_HOP | {b"close"}
+# Never removed because Connection names them, as HAProxy and nginx do: they carry the message's
+# framing, routing or meaning, so removing one changes the message (Connection: Content-Length
+# would let a body be read as a second request: smuggling). RFC 9110 §7.6.1 lists options, not these.
+PROTECTED = frozenset(
+    {
+        b"content-length",
+        b"host",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"content-location",
+        b"location",
+        b"set-cookie",
+        b"cookie",
+        b"authorization",
+        b"www-authenticate",
+        b"cache-control",
+        b"expires",
+        b"etag",
+        b"last-modified",
+        b"vary",
+        b"date",
+    }
+)
+_NOT_OPTIONS = _PLAIN_OPTIONS | PROTECTED
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade", b"Upgrade"})
 
 
@@ -87,7 +112,7 @@ def _extra_options(conn_values: list[bytes]) -> Set[bytes]:
     """Header names a Connection header asks us to drop beyond the standard hop-by-hop ones."""
     for value in conn_values:
         if value not in _PLAIN_CONNECTION:
-            return connection_tokens(conn_values) - _PLAIN_OPTIONS
+            return connection_tokens(conn_values) - _NOT_OPTIONS
     return _NO_OPTIONS  # the common case: "Connection: keep-alive"
 
 
@@ -118,6 +143,30 @@ def _without(lines: list[bytes], dropped: Set[bytes]) -> list[bytes]:
     return out
 
 
+def absolute_target(method: bytes, target: bytes) -> tuple[bytes, bytes]:
+    """(authority, origin-form target) of an absolute-form target like ``http://a.example/p?q``.
+
+    RFC 9112 §3.2.2: the target's authority replaces Host and the request goes on in origin form
+    (an OPTIONS for the server as a whole becomes ``*``, §3.2.4). We rewrite rather than refuse
+    (HAProxy refuses) because clients set up with an HTTP proxy legitimately send this form; what
+    must never happen is forwarding a Host that disagrees with the target.
+    """
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise Refusal(400, "request target must be a path (origin-form) or an http:// URL (absolute-form)")
+    end = len(rest)
+    for mark in (b"/", b"?", b"#"):
+        i = rest.find(mark)
+        if 0 <= i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise Refusal(400, "an absolute-form target needs a host and no user info")
+    if not path.startswith(b"/"):  # empty, or only a query
+        path = (b"*" if method == b"OPTIONS" and not path else b"/") + path
+    return authority, path
+
+
 def build_request_head(
     method: bytes,
     target: bytes,
@@ -135,6 +184,9 @@ def build_request_head(
     """
     if method == b"CONNECT":
         raise Refusal(405, "CONNECT is not supported by this reverse proxy")
+    authority = b""
+    if target[:1] != b"/" and target != b"*":
+        authority, target = absolute_target(method, target)
     host = b""
     hosts = 0
     conn_values: list[bytes] | None = None
@@ -155,8 +207,8 @@ def build_request_head(
             lines += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
             hosts += 1
-            host = value
-            lines += (name, b": ", value, b"\r\n")
+            host = authority or value
+            lines += (name, b": ", host, b"\r\n")
         elif kind == _CL:
             content_length = int(value)
             lines += (name, b": ", value, b"\r\n")
@@ -200,7 +252,7 @@ def build_request_head(
         upgrade = b""
 
     if not hosts:
-        host = b"upstream"
+        host = authority or b"upstream"
         lines += (b"Host: ", host, b"\r\n")
     lines += (b"X-Forwarded-For: ", (xff + b", " + client_ip) if xff else client_ip, b"\r\n")
     if not trusted_peer:

@@ -14,7 +14,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True)
 class Settings:
-    """Seconds for timeouts; ``stream_idle_timeout`` 0.0 means off; ``max_body_bytes`` -1, no limit."""
+    """Seconds for timeouts, 0.0 meaning off where the config allows null; ``max_body_bytes`` -1: no limit."""
 
     connect_timeout: float = 2.0
     upstream_header_timeout: float = 30.0
@@ -22,6 +22,8 @@ class Settings:
     client_header_timeout: float = 10.0
     idle_timeout: float = 60.0
     upstream_idle: float = 20.0
+    client_send_timeout: float = 60.0
+    tunnel_timeout: float = 3600.0
     max_header_bytes: int = 65536
     max_body_bytes: int = -1
     max_connections: int = 10000

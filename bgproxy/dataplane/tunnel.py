@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .deadline import Deadline
 from .websocket import FrameTracker, close_frame
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 class Tunnel:
     """Splices one client connection to one upstream connection after a 101."""
 
-    __slots__ = ("_closing", "client_frames", "conn", "ex", "upstream_frames")
+    __slots__ = ("_closing", "_idle", "_idle_deadline", "client_frames", "conn", "ex", "upstream_frames")
 
     def __init__(self, ex: Exchange, conn: UpstreamConnection, *, websocket: bool) -> None:
         self.ex = ex
@@ -29,6 +30,9 @@ class Tunnel:
         self.client_frames = FrameTracker() if websocket else None  # client -> upstream direction
         self.upstream_frames = FrameTracker() if websocket else None  # upstream -> client
         self._closing: tuple[int, str] | None = None  # a close frame waiting for frame boundaries
+        # timeouts.tunnel (HAProxy's `timeout tunnel`): no byte either way for that long ends it.
+        self._idle = ex.settings.tunnel_timeout
+        self._idle_deadline = Deadline(ex.runtime.loop, self.force_close)
 
     @property
     def _client(self) -> asyncio.Transport:
@@ -43,6 +47,8 @@ class Tunnel:
         return transport
 
     def start(self, early_from_client: bytes, early_from_upstream: bytes) -> None:
+        if self._idle:
+            self._idle_deadline.arm(self._idle)
         if early_from_client:
             self.from_client(early_from_client)
         if early_from_upstream:
@@ -58,6 +64,8 @@ class Tunnel:
         self, frames: FrameTracker | None, data: bytes, out: asyncio.Transport, *, masked: bool
     ) -> None:
         """Pass bytes on, following frame boundaries for WebSocket (the same rule both ways)."""
+        if self._idle:
+            self._idle_deadline.arm(self._idle)
         if frames is None:
             out.write(data)
         elif self._closing is None:
@@ -100,7 +108,7 @@ class Tunnel:
             frames.saw_close = True
 
     def force_close(self) -> None:
-        """The close handshake had its grace: close both TCP connections."""
+        """Close both TCP connections: a close handshake had its grace, or timeouts.tunnel passed."""
         self._client.close()
         self._upstream.close()
 
@@ -115,5 +123,6 @@ class Tunnel:
         self._end()
 
     def _end(self) -> None:
+        self._idle_deadline.cancel()
         self.conn.tunnel = None
         self.ex.tunnel_ended()

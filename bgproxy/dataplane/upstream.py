@@ -23,6 +23,10 @@ class ResponseHeadTooLarge(Exception):
         self.limit = limit
 
 
+class OutOfSync(Exception):
+    """Raised from a parser callback: bytes came after a complete response (or a HEAD answer's head)."""
+
+
 class UpstreamConnection:
     """Parses responses from one upstream and hands them to the exchange it serves.
 
@@ -35,10 +39,13 @@ class UpstreamConnection:
         "closed",
         "deadline",
         "ex",
+        "finished",
         "head_bytes",
         "header_timeout",
         "headers",
         "idle_since",
+        "keep_alive",
+        "out_of_sync",
         "parser",
         "reason",
         "reset_parser",
@@ -62,6 +69,11 @@ class UpstreamConnection:
         self.reason = b""
         self.head_bytes = 0  # status line and headers of the response being parsed
         self.reset_parser = False  # after a response to HEAD: llhttp would wait for a body
+        # The final response is complete, and is handed to the exchange once the whole read is
+        # parsed: a byte after it means the connection is out of sync and must not be reused.
+        self.finished = False
+        self.keep_alive = False  # what the upstream said about the finished response
+        self.out_of_sync = False
         self.served = 0  # exchanges served; >0 means a reused connection (stale-race retry)
         self.tunnel: Tunnel | None = None
 
@@ -84,24 +96,52 @@ class UpstreamConnection:
         client = ex.client
         client.hold_writes()
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            client.flush()  # the 101 goes out before any tunneled byte
-            ex.upgraded(self, data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            # httptools wraps what a callback raised in HttpParserError; our exception is its context.
-            if self.ex is None:
-                self.close()
-            elif isinstance(exc.__context__, ResponseHeadTooLarge):
-                why = f"sent a response head larger than {exc.__context__.limit} bytes"
-                self.ex.upstream_failed(self, "response_head_too_large", why)
-            else:
-                self.ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                client.flush()  # the 101 goes out before any tunneled byte
+                ex.upgraded(self, data[exc.args[0] :])
+            except httptools.HttpParserError as exc:
+                if not self.finished:  # else: bytes past the end, dealt with below
+                    self._bad_response(exc)
+            if self.finished:
+                self._response_done()
         finally:
             client.flush()
         if self.reset_parser:
             self.reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
+
+    def _bad_response(self, exc: httptools.HttpParserError) -> None:
+        # httptools wraps what a callback raised in HttpParserError; our exception is its context.
+        ex = self.ex
+        if ex is None:
+            self.close()
+        elif isinstance(exc.__context__, ResponseHeadTooLarge):
+            why = f"sent a response head larger than {exc.__context__.limit} bytes"
+            ex.upstream_failed(self, "response_head_too_large", why)
+        else:
+            ex.upstream_failed(self, "protocol_error", f"bad response: {exc}")
+
+    def finish_response(self, keep_alive: bool) -> None:
+        """The exchange has its whole response; it gets it once the rest of the read is checked."""
+        self.finished = True
+        self.keep_alive = keep_alive
+
+    def _response_done(self) -> None:
+        self.finished = False
+        ex = self.ex
+        if ex is None:
+            return
+        if self.out_of_sync:
+            ex.response_overrun(self)
+        else:
+            ex.response_complete(self, self.keep_alive)
+
+    def _after_end(self) -> None:
+        """Parser callback past the end of the response: mark the connection, stop parsing."""
+        self.out_of_sync = True
+        raise OutOfSync
 
     def eof_received(self) -> bool | None:
         return None  # close our side too: a half-closed upstream is not reusable
@@ -116,7 +156,7 @@ class UpstreamConnection:
         if ex is None:
             self.upstream.forget(self)
             return
-        ex.upstream_lost(self)
+        ex.upstream_lost(self, exc is None)
 
     def pause_writing(self) -> None:
         if self.ex is not None:
@@ -128,6 +168,8 @@ class UpstreamConnection:
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.finished:
+            self._after_end()
         self.headers = []
         self.reason = b""
         self.head_bytes = 0
@@ -155,14 +197,15 @@ class UpstreamConnection:
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
-        if ex is None:
-            raise httptools.HttpParserError("body after a bodiless response")
+        if self.finished or ex is None:
+            self._after_end()
+            return
         ex.response_body(body)
 
     def on_message_complete(self) -> None:
         ex = self.ex
-        if ex is not None:
-            ex.response_complete(self, self.parser.should_keep_alive())
+        if ex is not None and not self.finished and ex.status >= 200:  # a 1xx is not the answer yet
+            self.finish_response(self.parser.should_keep_alive())
 
     def _timed_out(self) -> None:
         if self.ex is not None:

@@ -1,0 +1,15 @@
+"""Waiting in tests for state that has no event to await (counters, sets of live connections)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def eventually(check: Callable[[], object], timeout: float = 5.0) -> None:
+    """Return once ``check()`` is true; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.01)
