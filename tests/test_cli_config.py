@@ -69,6 +69,7 @@ def test_run_logs_start_and_stop_as_json_and_exits_0_on_sigterm(tmp_path: Path) 
                 "state_file": str(tmp_path / "state.json"),
                 "shutdown_timeout": 1,
                 "logging": {"format": "json"},
+                "limits": {"max_connections": 100},  # within any open-file limit: no warning first
             }
         )
     )

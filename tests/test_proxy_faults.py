@@ -195,6 +195,7 @@ async def test_max_connections_answers_503(make_proxy) -> None:
             [refused] = await exchange(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         finally:
             await first.close()
+        assert blue.requests == 1  # the refused connection never reached the upstream
     assert ok.status == 200
     assert refused.status == 503
 

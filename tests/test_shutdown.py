@@ -8,11 +8,7 @@ polls with asyncio.sleep (never blocking the loop the origins need) and has a bo
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,111 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import websockets
-import yaml
+from process import BgproxyProcess
 from rawclient import RawClient
 from upstreams import origin
 
-BGPROXY = str(Path(sys.executable).with_name("bgproxy"))
-START_TIMEOUT = 20.0
 EXIT_MARGIN = 2.0  # how much later than its own deadline the process may exit
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class BgproxyProcess:
-    """`bgproxy run --config F` in a subprocess, with a blue and a green origin behind it."""
-
-    def __init__(self, tmp_path: Path, blue: str, green: str, shutdown_timeout: float) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.shutdown_timeout = shutdown_timeout
-        self.log = tmp_path / "bgproxy.log"
-        self.config = tmp_path / "bgproxy.yaml"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "listen": f"127.0.0.1:{self.port}",
-                    "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
-                    "pools": {"blue": {"upstreams": [blue]}, "green": {"upstreams": [green]}},
-                    "weights": {"blue": 100, "green": 0},
-                    "state_file": str(tmp_path / "state.json"),
-                    "shutdown_timeout": shutdown_timeout,
-                    "timeouts": {"connect": 1, "upstream_header": 30, "client_header": 5, "idle": 30},
-                }
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
-        with self.log.open("ab") as log:
-            # Popen, not asyncio's subprocess: poll() reaps at once, so alive() is exact.
-            self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork/exec only, nothing waits here
-                [BGPROXY, "run", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT
-        while loop.time() < deadline:
-            if not self.alive():
-                pytest.fail(f"bgproxy exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                async with session.get(f"{self.admin_url}/readyz", timeout=aiohttp.ClientTimeout(1)) as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass  # not listening yet
-            await asyncio.sleep(0.05)
-        pytest.fail(f"bgproxy not ready after {START_TIMEOUT:.0f} s:\n{self.log_text()}")
-
-    def signal(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait_exit(self, timeout: float) -> int:
-        """The exit status; fails the test if the process is still running after `timeout` seconds."""
-        assert self.proc is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.proc.poll() is None:
-            if loop.time() >= deadline:
-                pytest.fail(f"bgproxy still running {timeout:.1f} s later:\n{self.log_text()}")
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
-
 
 StartProxy = Callable[..., Awaitable[BgproxyProcess]]
 

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import logging
+import resource
+
 from ..config import Config
 from ..core.colors import COLORS
 from ..core.health import OutlierPolicy
 from ..dataplane.pool import ColorPool, Upstream
 from ..dataplane.settings import Settings
+
+log = logging.getLogger("bgproxy")
+
+# Descriptors kept for what is not a proxied connection: listeners, the admin API, health probes,
+# the state file, logs.
+FD_RESERVE = 64
+
+
+def connection_limit(max_connections: int) -> int:
+    """How many client connections this process can really hold, raising the open-file limit first.
+
+    Each proxied connection may hold an upstream connection too, so it needs two descriptors. Like
+    HAProxy, the soft limit is raised toward what limits.max_connections needs (up to the hard
+    limit); if that is still short, the cap comes down to what fits, so bgproxy answers 503 itself
+    instead of the kernel's accept path dropping connections unseen (libuv closes them silently).
+    """
+    need = 2 * max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):
+        pass
+    if soft >= need:
+        return max_connections
+    cap = max(1, (soft - FD_RESERVE) // 2)
+    log.warning(
+        "the open-file limit caps client connections below limits.max_connections; raise ulimit -n",
+        extra={"nofile": soft, "max_connections": max_connections, "effective": cap},
+    )
+    return cap
 
 
 def dataplane_settings(config: Config) -> Settings:
@@ -24,7 +61,7 @@ def dataplane_settings(config: Config) -> Settings:
         tunnel_timeout=t.tunnel or 0.0,
         max_header_bytes=limits.max_header_bytes,
         max_body_bytes=-1 if limits.max_body_bytes is None else limits.max_body_bytes,
-        max_connections=limits.max_connections,
+        max_connections=connection_limit(limits.max_connections),
         via=config.forwarding.via.encode(),
         access_log=config.logging.access_log,
         trusted_proxies=tuple(config.forwarding.trusted_proxies),

@@ -116,6 +116,9 @@ class ClientConnection:
         self.trusted = settings.is_trusted(self.peer_ip)
         runtime.connections.add(self)
         if len(runtime.connections) > settings.max_connections:
+            runtime.error_log.warning(
+                ("client", "max_connections"), "client connection refused", limit=settings.max_connections
+            )
             self._refuse_now(Refusal(503, "too many client connections"))
             return
         self.deadline.arm(settings.client_header_timeout)
