@@ -24,6 +24,7 @@ import uvloop
 from .app import App
 from .config import Config, ConfigError, HostPort, dump_config, load_config
 from .control.state import StateFileError
+from .core.colors import COLORS
 from .demo import banner, start_demo_upstreams
 from .logs import setup_logging
 
@@ -57,7 +58,7 @@ async def _serve(config: Config, *, demo: bool, reset_state: bool) -> None:
     try:
         if demo:
             upstreams = await start_demo_upstreams(
-                {c: [(u.host, u.port) for u in config.pools.get(c).upstreams] for c in ("blue", "green")}
+                {c: [(u.host, u.port) for u in config.pools.get(c).upstreams] for c in COLORS}
             )
         await app.start()
         if demo:
@@ -240,7 +241,7 @@ def _parse_weights(parser: argparse.ArgumentParser, pairs: Sequence[str]) -> dic
     weights: dict[str, int] = {}
     for pair in pairs:
         color, sep, value = pair.partition("=")
-        if not sep or color not in ("blue", "green") or color in weights:
+        if not sep or color not in COLORS or color in weights:
             parser.error(f"expected blue=N green=N, got {pair!r}")
         try:
             weights[color] = int(value)
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[client], help="show weights, live color and pools")
     status.set_defaults(func=_cmd_status)
     flip = sub.add_parser("flip", parents=[client, change], help="send all traffic to the other color")
-    flip.add_argument("--to", choices=("blue", "green"), help="color to send all traffic to")
+    flip.add_argument("--to", choices=COLORS, help="color to send all traffic to")
     flip.set_defaults(func=_cmd_flip)
     weights = sub.add_parser("weights", parents=[client, change], help="split traffic: blue=90 green=10")
     weights.add_argument("pairs", nargs="+", metavar="COLOR=WEIGHT")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
+from process import free_port
 
 from bgproxy.cli import main
 
 BGPROXY = str(Path(sys.executable).with_name("bgproxy"))
 TOKEN = "cli-test-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class Server:

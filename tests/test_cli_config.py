@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from process import free_port
 
 from bgproxy.config import dump_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 BGPROXY = [sys.executable, "-m", "bgproxy"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_check_config_prints_the_normalized_config() -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from bench.memory import client_connection, make_runtime, pooled_connection
+from bench.memory import MemoryTransport, client_connection, make_runtime, pooled_connection
+from bgproxy.dataplane.client import ClientConnection
 from bgproxy.dataplane.routing import RouteTable
+from bgproxy.dataplane.runtime import Runtime
+from bgproxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 FORWARDED = (
@@ -20,13 +23,21 @@ FORWARDED = (
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nhello, world\n"
 )
+
+
+def wired() -> tuple[Runtime, UpstreamConnection, MemoryTransport, ClientConnection, MemoryTransport]:
+    """(runtime, a pooled blue upstream connection and its wire, a client connection and its wire)."""
+    runtime = make_runtime()
+    conn, upstream = pooled_connection(runtime, "blue")
+    client, downstream = client_connection(runtime)
+    return runtime, conn, upstream, client, downstream
+
+
 ANSWER = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 13\r\nVia: 1.1 bgproxy\r\n\r\nhello, world\n"
 
 
 async def test_a_get_goes_upstream_and_its_answer_comes_back_byte_for_byte() -> None:
-    runtime = make_runtime()
-    conn, upstream = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    runtime, conn, upstream, client, downstream = wired()
     client.data_received(REQUEST)
     assert upstream.take() == FORWARDED
     assert downstream.take() == b""  # nothing is said before the upstream answers
@@ -55,9 +66,7 @@ async def test_the_installed_route_table_steers_the_next_request() -> None:
 
 
 async def test_pipelined_requests_go_upstream_one_at_a_time_and_are_answered_in_order() -> None:
-    runtime = make_runtime()
-    conn, upstream = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    _, conn, upstream, client, downstream = wired()
     second = b"GET /2 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
     client.data_received(REQUEST + second)
     assert upstream.take() == FORWARDED  # the second waits for the first answer
@@ -84,9 +93,7 @@ async def test_pipelined_requests_go_upstream_one_at_a_time_and_are_answered_in_
     ],
 )
 async def test_a_refused_request_never_reaches_an_upstream(request_bytes: bytes, answer: bytes) -> None:
-    runtime = make_runtime()
-    _, upstream = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    runtime, _, upstream, client, downstream = wired()
     client.data_received(request_bytes)
     out = downstream.take()
     head, _, body = out.partition(b"\r\n\r\n")
@@ -97,9 +104,7 @@ async def test_a_refused_request_never_reaches_an_upstream(request_bytes: bytes,
 
 
 async def test_a_5xx_answer_is_relayed_and_reported_to_passive_health() -> None:
-    runtime = make_runtime()
-    conn, _ = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    runtime, conn, _, client, downstream = wired()
     client.data_received(REQUEST)
     conn.data_received(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
     assert downstream.take() == b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nVia: 1.1 bgproxy\r\n\r\n"
@@ -107,9 +112,7 @@ async def test_a_5xx_answer_is_relayed_and_reported_to_passive_health() -> None:
 
 
 async def test_an_upstream_that_says_close_is_not_pooled() -> None:
-    runtime = make_runtime()
-    conn, upstream = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    runtime, conn, upstream, client, downstream = wired()
     client.data_received(REQUEST)
     conn.data_received(RESPONSE.replace(b"keep-alive", b"close"))
     assert downstream.take() == ANSWER  # the client connection stays open: it is its own hop
@@ -117,9 +120,7 @@ async def test_an_upstream_that_says_close_is_not_pooled() -> None:
 
 
 async def test_a_chunked_answer_reaches_an_http10_client_close_delimited() -> None:
-    runtime = make_runtime()
-    conn, _ = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    _, conn, _, client, downstream = wired()
     client.data_received(b"GET / HTTP/1.0\r\n\r\n")
     conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert downstream.take() == b"HTTP/1.1 200 OK\r\nVia: 1.1 bgproxy\r\nConnection: close\r\n\r\nhello"
@@ -127,9 +128,7 @@ async def test_a_chunked_answer_reaches_an_http10_client_close_delimited() -> No
 
 
 async def test_a_close_delimited_answer_is_rechunked_for_an_http11_client() -> None:
-    runtime = make_runtime()
-    conn, _ = pooled_connection(runtime, "blue")
-    client, downstream = client_connection(runtime)
+    _, conn, _, client, downstream = wired()
     client.data_received(REQUEST)
     conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc")
     conn.data_received(b"defgh")
@@ -142,9 +141,7 @@ async def test_a_close_delimited_answer_is_rechunked_for_an_http11_client() -> N
 
 async def test_idle_future_and_drain_counts() -> None:
     """A draining color's exchanges are counted as they end, and its idle future resolves after the last."""
-    runtime = make_runtime()
-    conn, _ = pooled_connection(runtime, "blue")
-    client, _ = client_connection(runtime)
+    runtime, conn, _, client, _ = wired()
     client.data_received(REQUEST)
     runtime.start_draining("blue")
     idle = runtime.idle("blue")

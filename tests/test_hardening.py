@@ -168,36 +168,31 @@ async def test_other_targets_are_refused(make_proxy, target: bytes) -> None:
 # ------------------------------------------------------------------- 4. a reset is never the end of a body
 
 
-async def test_close_delimited_response_cut_by_a_reset_is_cut_for_an_http11_client(make_proxy) -> None:
+@pytest.mark.parametrize(
+    ("request_line", "framing"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", b"Transfer-Encoding: chunked"),
+        # HTTP/1.0 has no chunking: only the reset can tell this client its body is short.
+        (b"GET / HTTP/1.0\r\n\r\n", b"Connection: close"),
+    ],
+)
+async def test_close_delimited_response_cut_by_a_reset_is_cut_with_a_reset(
+    make_proxy, request_line: bytes, framing: bytes
+) -> None:
     async with ScriptedServer([b"HTTP/1.1 200 OK\r\n\r\npartial body"], then="reset") as upstream:
         proxy = await make_proxy([upstream.addr])
         client = await RawClient.connect(proxy.port)
         try:
-            await client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            await client.send(request_line)
             data = await client.reader.readuntil(b"partial body")
             upstream.release.set()
             with pytest.raises(ConnectionResetError):
                 data += await client.wait_closed()
         finally:
             await client.close()
-    assert b"Transfer-Encoding: chunked" in data and not data.endswith(b"0\r\n\r\n")
+    assert framing in data and not data.endswith(b"0\r\n\r\n")
     errors = proxy.app.stats.colors["blue"].upstream_errors
     assert errors == {(upstream.addr, "reset_after_headers"): 1}
-
-
-async def test_close_delimited_response_cut_by_a_reset_resets_an_http10_client(make_proxy) -> None:
-    """HTTP/1.0 has no chunking: only a reset can tell the client its body is short."""
-    async with ScriptedServer([b"HTTP/1.1 200 OK\r\n\r\npartial body"], then="reset") as upstream:
-        proxy = await make_proxy([upstream.addr])
-        client = await RawClient.connect(proxy.port)
-        try:
-            await client.send(b"GET / HTTP/1.0\r\n\r\n")
-            await client.reader.readuntil(b"partial body")
-            upstream.release.set()
-            with pytest.raises(ConnectionResetError):
-                await client.wait_closed()
-        finally:
-            await client.close()
 
 
 async def test_close_delimited_response_ended_by_a_clean_close_is_complete(make_proxy) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import aiohttp
 import pytest
 import yaml
 from conftest import MakeProxy
+from process import free_port
 from upstreams import origin
 
 DEADLINE_S = 30.0
@@ -27,12 +27,6 @@ RATIO = (
     'sum by (color) (rate(bgproxy_requests_total{{code=~"5.."}}[{r}])) '
     "/ sum by (color) (rate(bgproxy_requests_total[{r}]))"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -102,7 +102,9 @@ class UpstreamConnection:
                 client.flush()  # the 101 goes out before any tunneled byte
                 ex.upgraded(self, data[exc.args[0] :])
             except httptools.HttpParserError as exc:
-                if not self.finished:  # else: bytes past the end, dealt with below
+                if self.finished:  # whatever broke the parse came after the response's end
+                    self.out_of_sync = True
+                else:
                     self._bad_response(exc)
             if self.finished:
                 self._response_done()
