@@ -389,6 +389,7 @@ def start_bgproxy(
     name: str = "bgproxy",
     core: int | None = PROXY_CORE,
     pythonpath: Path | None = None,
+    extra: str = "",
 ) -> Bgproxy:
     """Write a config, start `bgproxy run`, and wait until the admin /healthz (or the proxy port) answers."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +404,7 @@ pools:
 weights: {{blue: {weights[0]}, green: {weights[1]}}}
 state_file: {workdir / f"{name}-state.json"}
 metrics: {{enabled: {"true" if metrics else "false"}}}
-"""
+{extra}"""
     )
     # BGPROXY_LISTEN would override our listen address; the container sets it, a developer shell might.
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
@@ -537,13 +538,20 @@ class WrkOptions:
 
 
 def run_wrk(
-    url: str, connections: int, duration_s: int, core: int | None = LOAD_CORE, proxy_pid: int | None = None
+    url: str,
+    connections: int,
+    duration_s: int,
+    core: int | None = LOAD_CORE,
+    proxy_pid: int | None = None,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
     """One single-threaded wrk run; killed if it outlives its duration by 15 s.
 
-    With proxy_pid, the result also carries that process's CPU per request during the run.
+    With proxy_pid, the result also carries that process's CPU per request during the run; each of
+    ``headers`` ("Name: value") is sent with every request.
     """
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "2s", "--latency", url]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "2s", "--latency"]
+    argv += [arg for header in headers for arg in ("-H", header)] + [url]
     cpu_before = cpu_seconds(proxy_pid) if proxy_pid else 0.0
     try:
         done = subprocess.run(

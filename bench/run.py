@@ -43,9 +43,23 @@ from bench.harness import (
     write_report,
     wrk_ready,
 )
+from bgproxy.core.sticky import StickyPolicy, cookie_value
 
 OPTIONS = WrkOptions(per="cell", runs=3, quick_runs=1, output=REPO_ROOT / "bench" / "results" / "latest.json")
-TARGETS = ("direct", "haproxy", "nginx", "bgproxy", "bgproxy-nometrics", "bgproxy-interpreted")
+TARGETS = (
+    "direct",
+    "haproxy",
+    "nginx",
+    "bgproxy",
+    "bgproxy-nometrics",
+    "bgproxy-interpreted",
+    "bgproxy-sticky",
+    "bgproxy-sticky-new",
+)
+# Sticky sessions on, at a 90/10 split: "bgproxy-sticky" sends a valid pin (a returning user, the
+# common case), "bgproxy-sticky-new" none (every request a new user: assigned and given a cookie).
+STICKY_KEY = "bench-sticky-key-0123456789"
+STICKY = f"sticky: {{key: {STICKY_KEY}}}\n"
 
 # A target starter brings its proxy up in front of the upstream and returns the URL to load and the
 # proxy's pid (whose CPU time is read around each run), or None when there is no proxy.
@@ -56,6 +70,7 @@ Starter = Callable[[Services, Path, Upstream], "Target"]
 class Target:
     url: str
     pid: int | None
+    headers: tuple[str, ...] = ()  # sent with every request ("Name: value")
 
 
 def start_direct(_services: Services, _workdir: Path, upstream: Upstream) -> Target:
@@ -114,7 +129,15 @@ def start_nginx_proxy(services: Services, workdir: Path, upstream: Upstream) -> 
     return Target(url, service.proc.pid)
 
 
-def bgproxy_starter(name: str, metrics: bool = True, interpreted: bool = False) -> Starter:
+def sticky_pin() -> str:
+    """The Cookie header of a user pinned to blue under switch version 0 (a fresh state file)."""
+    policy = StickyPolicy(b"bgproxy-color", 3600.0, "auto", True, "Lax", "follow", STICKY_KEY.encode())
+    return "Cookie: bgproxy-color=" + cookie_value(policy, "blue", 0, time.time()).decode()
+
+
+def bgproxy_starter(
+    name: str, metrics: bool = True, interpreted: bool = False, sticky: bool = False, pinned: bool = False
+) -> Starter:
     """bgproxy as installed, or from an interpreted copy of its sources (what mypyc buys, end to end)."""
 
     def start(services: Services, workdir: Path, upstream: Upstream) -> Target:
@@ -128,9 +151,11 @@ def bgproxy_starter(name: str, metrics: bool = True, interpreted: bool = False) 
             metrics=metrics,
             name=name,
             pythonpath=pythonpath,
+            extra=STICKY if sticky else "",
+            weights=(90, 10) if sticky else (100, 0),
         )
         wait_serving(proxy.url, upstream.body, proxy.service)
-        return Target(proxy.url, proxy.service.proc.pid)
+        return Target(proxy.url, proxy.service.proc.pid, (sticky_pin(),) if pinned else ())
 
     return start
 
@@ -142,6 +167,8 @@ STARTERS: dict[str, Starter] = {
     "bgproxy": bgproxy_starter("bgproxy"),
     "bgproxy-nometrics": bgproxy_starter("bgproxy-nometrics", metrics=False),
     "bgproxy-interpreted": bgproxy_starter("bgproxy-interpreted", interpreted=True),
+    "bgproxy-sticky": bgproxy_starter("bgproxy-sticky", sticky=True, pinned=True),
+    "bgproxy-sticky-new": bgproxy_starter("bgproxy-sticky-new", sticky=True),
 }
 REQUIRED_TOOL = {"haproxy": "haproxy", "nginx": "nginx"}
 
@@ -174,7 +201,10 @@ def measure(
     results: dict[str, WrkResult] = {}
     for target in order:
         try:
-            results[target] = run_wrk(live[target].url, connections, seconds, proxy_pid=live[target].pid)
+            spec = live[target]
+            results[target] = run_wrk(
+                spec.url, connections, seconds, proxy_pid=spec.pid, headers=spec.headers
+            )
         except (RuntimeError, ValueError, OSError) as err:
             failures[target] = f"wrk at c={connections}: {err}"
             log(f"  {target} FAILED: {err}")

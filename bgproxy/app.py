@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .admin.server import build_admin_app
 from .config import Config, ConfigError
-from .control.configure import color_pools, dataplane_settings, outlier_policy
+from .control.configure import color_pools, dataplane_settings, outlier_policy, preview_policy, sticky_policy
 from .control.controller import Controller, route_table
 from .control.drain import Drainer
 from .control.health import HealthMonitor, readiness, refuse_dead_colors
@@ -146,10 +146,12 @@ class App:
             checks={c: config.pools.get(c).health_check for c in COLORS},
             policies={c: outlier_policy(config, c) for c in COLORS},
         )
-        runtime = Runtime(
-            dataplane_settings(config), pools, self.stats, route_table(self.switchboard), health
+        sticky, preview = sticky_policy(config), preview_policy(config)
+        table = route_table(self.switchboard, sticky, preview)
+        runtime = Runtime(dataplane_settings(config), pools, self.stats, table, health)
+        drainer = Drainer(
+            runtime, self.switchboard, full_term=sticky is not None and sticky.on_zero_weight == "drain"
         )
-        drainer = Drainer(runtime, self.switchboard)
         controller = Controller(
             self.switchboard,
             self.state_store,
@@ -157,6 +159,8 @@ class App:
             drainer,
             drain_timeout=config.drain_timeout,
             guard=partial(refuse_dead_colors, pools),
+            sticky=sticky,
+            preview=preview,
         )
         self._started = _Started(runtime, health, drainer, controller)
         health.start()

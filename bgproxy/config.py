@@ -48,6 +48,8 @@ __all__ = [
     "OutlierConfig",
     "PoolConfig",
     "Pools",
+    "PreviewConfig",
+    "StickyConfig",
     "Timeouts",
     "WeightsConfig",
     "dump_config",
@@ -320,6 +322,12 @@ class Limits(_Section):
 _TOKEN_CHARS_RE = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")  # RFC 9110 tchar
 
 
+def _header_name(name: str) -> str:
+    if not _TOKEN_CHARS_RE.fullmatch(name):
+        raise ValueError("must be a header name: letters, digits and !#$%&'*+-.^_`|~")
+    return name
+
+
 class Forwarding(_Section):
     trusted_proxies: list[Network] = Field(default_factory=list)
     via: str = "bgproxy"
@@ -336,6 +344,50 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False
+
+
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 6265 cookie-name: a token
+
+
+def _cookie_name(name: str) -> str:
+    if not _COOKIE_NAME_RE.fullmatch(name):
+        raise ValueError("must be a cookie name: letters, digits and !#$%&'*+-.^_`|~")
+    return name
+
+
+def _secret_key(key: str) -> str:
+    if len(key.encode()) < 16:
+        raise ValueError("must be at least 16 bytes: it signs the cookies")
+    return key
+
+
+CookieName = Annotated[str, AfterValidator(_cookie_name)]
+
+
+class StickyConfig(_Section):
+    """Sticky sessions during a split: a signed cookie pins each user to the color first assigned."""
+
+    cookie: CookieName = "bgproxy-color"
+    max_age: Duration = 3600.0
+    secure: Literal["auto", "always", "never"] = "auto"
+    http_only: bool = True
+    same_site: Literal["Strict", "Lax", "None"] = "Lax"
+    on_zero_weight: Literal["follow", "drain"] = "follow"
+    key: Annotated[str, AfterValidator(_secret_key)] | None = None
+
+
+_DEFAULT_PREVIEW_NETWORKS = ["127.0.0.0/8", "::1/128"]
+
+
+class PreviewConfig(_Section):
+    """Preview routing: a request naming a color, from an allowed network, goes to that color."""
+
+    header: Annotated[str, AfterValidator(_header_name)] = "X-Bgproxy-Color"
+    cookie: CookieName | None = "bgproxy-preview"
+    allow_from: list[Network] = Field(
+        default_factory=lambda: [ipaddress.ip_network(n) for n in _DEFAULT_PREVIEW_NETWORKS]
+    )
+    token: Annotated[str, AfterValidator(_check_token)] | None = None
 
 
 _DEFAULT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -371,6 +423,8 @@ class Config(_Section):
     forwarding: Forwarding = Field(default_factory=Forwarding)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    sticky: StickyConfig | None = None
+    preview: PreviewConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -407,6 +461,9 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 _SECRET_TOKENS_LOC = ("admin", "tokens")
+_SECRET_LOCS = (("sticky", "key"), ("preview", "token"))
+# Secrets a variable may set inside a section the file enables (the variable alone enables nothing).
+_SECRET_ENV = (("sticky", "key", "BGPROXY_STICKY_KEY"), ("preview", "token", "BGPROXY_PREVIEW_TOKEN"))
 
 
 def _got(value: Any, secret: bool = False) -> str:
@@ -428,6 +485,12 @@ def _env_overrides(
     """
     origin: dict[tuple[str, ...], str] = {}
     problems: list[str] = []
+    for section, key, variable in _SECRET_ENV:
+        value = environ.get(variable)
+        target = raw.get(section)
+        if value and isinstance(target, dict):
+            target[key] = value
+            origin[(section, key)] = variable
     if listen := environ.get("BGPROXY_LISTEN"):
         raw["listen"] = listen
         origin[("listen",)] = "BGPROXY_LISTEN"
@@ -473,7 +536,7 @@ def _env_overrides(
 def _problem_line(path: str, error: ErrorDetails, origin: Mapping[tuple[str, ...], str]) -> str:
     loc = tuple(str(part) for part in error["loc"])
     message = describe(error)
-    secret = loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3
+    secret = (loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3) or loc in _SECRET_LOCS
     got = "" if error["type"] == "missing" else f" (got {_got(error['input'], secret)})"
     for prefix, variable in origin.items():
         if loc[: len(prefix)] == prefix:
@@ -530,4 +593,7 @@ def dump_config(cfg: Config) -> str:
     """The normalized config as YAML (seconds, address strings, secrets as ``***``) for check-config."""
     data = cfg.model_dump(mode="json")
     data["admin"]["tokens"] = dict.fromkeys(data["admin"]["tokens"], "***")
+    for section, key in _SECRET_LOCS:
+        if data.get(section) and data[section].get(key) is not None:
+            data[section][key] = "***"
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -138,6 +138,7 @@ async def test_state_reports_weights_version_and_pools(admin: Admin, origins: tu
             "blue": {"weight": 100, "upstreams": [b.addr], "in_flight": 0, **idle(b.addr)},
             "green": {"weight": 0, "upstreams": [g.addr], "in_flight": 0, **idle(g.addr)},
         },
+        "routing": {"sticky": None, "preview": None},
     }
     assert state["updated_at"].endswith("Z")
     assert datetime.fromisoformat(state["updated_at"]).timestamp() == pytest.approx(

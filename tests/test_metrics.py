@@ -56,7 +56,8 @@ async def test_known_mix_is_counted_exactly(make_proxy: MakeProxy) -> None:
         _, samples = await scrape(proxy)
         requests = names_with(samples, "bgproxy_requests_total")
         assert requests == {
-            frozenset({("color", color), ("code", str(code))}): n for (color, code), n in seen.items()
+            frozenset({("color", color), ("code", str(code)), ("route", "live")}): n
+            for (color, code), n in seen.items()
         }
         for color in ("blue", "green"):
             for hist in ("bgproxy_request_duration_seconds", "bgproxy_upstream_header_seconds"):
@@ -100,9 +101,9 @@ async def test_proxy_made_answers_upstream_errors_and_client_errors(make_proxy: 
 
         _, samples = await scrape(proxy)
     assert names_with(samples, "bgproxy_requests_total") == {
-        frozenset({("color", "blue"), ("code", "502")}): 2,
-        frozenset({("color", "green"), ("code", "200")}): 1,
-        frozenset({("color", "none"), ("code", "400")}): 1,
+        frozenset({("color", "blue"), ("code", "502"), ("route", "live")}): 2,
+        frozenset({("color", "green"), ("code", "200"), ("route", "live")}): 1,
+        frozenset({("color", "none"), ("code", "400"), ("route", "live")}): 1,
     }
     assert names_with(samples, "bgproxy_upstream_errors_total") == {
         frozenset({("color", "blue"), ("upstream", dead), ("reason", "connect_refused")}): 2,
@@ -131,7 +132,7 @@ async def test_a_retried_connect_failure_is_no_error_but_a_reset_is(make_proxy: 
         val(samples, "bgproxy_upstream_errors_total", color="blue", upstream=dead, reason="connect_refused")
         >= 1
     )
-    assert val(samples, "bgproxy_requests_total", color="blue", code="200") == 4
+    assert val(samples, "bgproxy_requests_total", color="blue", code="200", route="live") == 4
     assert error_window_state(proxy.app, "blue") == {
         "window_seconds": 60,
         "requests": 4,

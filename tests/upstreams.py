@@ -383,6 +383,41 @@ class ScriptedServer(RawServer):
             await self._record_until_eof(reader)
 
 
+class _Answer(asyncio.Protocol):
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.pending = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        heads = self.pending.count(b"\r\n\r\n")
+        if heads and self.transport is not None:
+            self.pending = self.pending[self.pending.rfind(b"\r\n\r\n") + 4 :]
+            self.transport.write(self.response * heads)
+
+
+@asynccontextmanager
+async def fast_origin(color: str) -> AsyncIterator[str]:
+    """A bare asyncio upstream answering every (bodiless) request with 200 and X-Color: its address.
+
+    For tests that send thousands of requests, where the aiohttp Origin would be the slow part.
+    """
+    response = b"HTTP/1.1 200 OK\r\nX-Color: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+        color.encode(), len(color), color.encode()
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Answer(response), "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def stall_after_headers_server() -> StallAfterHeadersServer:
     return StallAfterHeadersServer()
 

@@ -93,7 +93,7 @@ def color_state(app: Process, color: Color) -> dict[str, Any]:
     return {
         "weight": app.switchboard.weights.of(color),
         "upstreams": [up.addr for up in app.runtime.pools[color].upstreams],
-        "in_flight": stats.in_flight,
+        "in_flight": stats.in_flight + app.stats.preview[color].in_flight,
         "streams": app.runtime.open_streams(color),
         "draining": drain is not None,
         "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,
@@ -123,6 +123,32 @@ def upstream_health(app: Process, color: Color) -> list[dict[str, Any]]:
     return out
 
 
+def routing_state(app: Process) -> dict[str, Any]:
+    """The routing rules in force, as /v1/state shows them: names and settings, never a key or token."""
+    sticky, preview = app.controller.sticky, app.controller.preview
+    return {
+        "sticky": None
+        if sticky is None
+        else {
+            "cookie": sticky.cookie.decode(),
+            "max_age": sticky.max_age,
+            "secure": sticky.secure,
+            "http_only": sticky.http_only,
+            "same_site": sticky.same_site,
+            "on_zero_weight": sticky.on_zero_weight,
+            "assignments": dict(app.stats.assignments),
+        },
+        "preview": None
+        if preview is None
+        else {
+            "header": preview.header.decode(),
+            "cookie": None if preview.cookie is None else preview.cookie.decode(),
+            "allow_from": [str(net) for net in preview.allow_from],
+            "token_required": preview.token is not None,
+        },
+    }
+
+
 def state_view(app: Process) -> dict[str, Any]:
     """The body of GET /v1/state, validated against StateView so it always matches the docs."""
     board = app.switchboard
@@ -133,6 +159,7 @@ def state_view(app: Process) -> dict[str, Any]:
             "version": board.version,
             "updated_at": rfc3339(board.updated_at),
             "pools": {color: color_state(app, color) for color in COLORS},
+            "routing": routing_state(app),
         }
     )
     return view.model_dump(mode="json")

@@ -93,7 +93,7 @@ class BgproxyCollector(Collector):
         weights = app.switchboard.weights.as_dict()
         for color in COLORS:
             cs = stats.colors[color]
-            active.add_metric([color], cs.in_flight)
+            active.add_metric([color], cs.in_flight + stats.preview[color].in_flight)
             streams.add_metric([color], app.runtime.open_streams(color))
             ended.add_metric([color, "self"], cs.streams_ended)
             ended.add_metric([color, "deadline"], cs.streams_deadline)
@@ -137,21 +137,36 @@ class BgproxyCollector(Collector):
         requests = CounterMetricFamily(
             "bgproxy_requests",
             "Requests answered, by color and status; proxy-made 502/503/504 count under the chosen color, "
-            'client errors refused before choosing one under color="none".',
-            labels=["color", "code"],
+            'client errors refused before choosing one under color="none". route="preview": requests '
+            'sent to a color by name (preview routing), kept out of the error ratio; else route="live".',
+            labels=["color", "code", "route"],
         )
         upstream_errors = CounterMetricFamily(
             "bgproxy_upstream_errors",
             "Exchanges an upstream broke, by color, upstream address and reason.",
             labels=["color", "upstream", "reason"],
         )
-        for color, cs in stats.colors.items():
-            for code, count in sorted(cs.codes.items()):
-                requests.add_metric([color, str(code)], count)
-            for (upstream, reason), count in sorted(cs.upstream_errors.items()):
-                upstream_errors.add_metric([color, upstream, reason], count)
+        for route, by_color in (("live", stats.colors), ("preview", stats.preview)):
+            for color, cs in by_color.items():
+                for code, count in sorted(cs.codes.items()):
+                    requests.add_metric([color, str(code), route], count)
+        broken: dict[tuple[str, str, str], int] = {}
+        for color, cs in (*stats.colors.items(), *stats.preview.items()):
+            for (upstream, reason), count in cs.upstream_errors.items():
+                key = (color, upstream, reason)
+                broken[key] = broken.get(key, 0) + count
+        for labels, count in sorted(broken.items()):
+            upstream_errors.add_metric(list(labels), count)
         yield requests
         yield upstream_errors
+        assignments = CounterMetricFamily(
+            "bgproxy_sticky_assignments",
+            "New users pinned to a color by sticky sessions (the split holds over these, exactly).",
+            labels=["color"],
+        )
+        for color, count in stats.assignments.items():
+            assignments.add_metric([color], count)
+        yield assignments
 
         duration = HistogramMetricFamily(
             "bgproxy_request_duration_seconds",

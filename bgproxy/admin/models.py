@@ -93,7 +93,7 @@ class ColorState(_Model):
 
     weight: int
     upstreams: list[str] = Field(description="Configured backends as host:port.")
-    in_flight: int = Field(description="Requests of this color being proxied right now.")
+    in_flight: int = Field(description="Requests of this color being proxied right now (previews included).")
     streams: int = Field(description="Open long-lived exchanges: upgraded, or streaming without a length.")
     draining: bool = Field(description="Lost its weight; in-flight exchanges are finishing.")
     drain_deadline: Timestamp | None = Field(description="When what is left of the drain is closed.")
@@ -151,6 +151,34 @@ class PoolsView(_Model):
     green: ColorState
 
 
+class StickyView(_Model):
+    """Sticky sessions in force (the signing key is never shown)."""
+
+    cookie: str
+    max_age: float = Field(description="Seconds a pin lasts.")
+    secure: Literal["auto", "always", "never"]
+    http_only: bool
+    same_site: Literal["Strict", "Lax", "None"]
+    on_zero_weight: Literal["follow", "drain"]
+    assignments: dict[str, int] = Field(description="New users pinned to each color since start.")
+
+
+class PreviewView(_Model):
+    """Preview routing in force (the token is never shown)."""
+
+    header: str
+    cookie: str | None
+    allow_from: list[str]
+    token_required: bool
+
+
+class RoutingView(_Model):
+    """Routing rules beside the weights; null: off."""
+
+    sticky: StickyView | None
+    preview: PreviewView | None
+
+
 class StateView(_Model):
     """The switch state; its version grows by one with every applied change."""
 
@@ -159,6 +187,7 @@ class StateView(_Model):
     version: int
     updated_at: Timestamp
     pools: PoolsView
+    routing: RoutingView
 
 
 class EventView(_Model):

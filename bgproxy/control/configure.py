@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 
 from ..config import Config
 from ..core.colors import COLORS
 from ..core.health import OutlierPolicy
+from ..core.preview import PreviewPolicy
+from ..core.sticky import StickyPolicy
 from ..dataplane.pool import ColorPool, Upstream
 from ..dataplane.settings import Settings
 
@@ -85,4 +88,39 @@ def outlier_policy(config: Config, color: str) -> OutlierPolicy:
         base_ejection_time=o.base_ejection_time,
         max_ejection_time=o.max_ejection_time,
         max_ejection_percent=o.max_ejection_percent,
+    )
+
+
+def sticky_policy(config: Config) -> StickyPolicy | None:
+    """The sticky-session rules, or None when off. Without sticky.key (or BGPROXY_STICKY_KEY) the
+    cookies are signed with a random key made now: fine for one process, but a restart loses every
+    pin and a fleet needs one shared key."""
+    sticky = config.sticky
+    if sticky is None:
+        return None
+    if sticky.key is None:
+        log.warning("sticky.key is not set: sticky cookies are signed with a random key until restart")
+        key = os.urandom(32)
+    else:
+        key = sticky.key.encode()
+    return StickyPolicy(
+        cookie=sticky.cookie.encode(),
+        max_age=sticky.max_age,
+        secure=sticky.secure,
+        http_only=sticky.http_only,
+        same_site=sticky.same_site,
+        on_zero_weight=sticky.on_zero_weight,
+        key=key,
+    )
+
+
+def preview_policy(config: Config) -> PreviewPolicy | None:
+    preview = config.preview
+    if preview is None:
+        return None
+    return PreviewPolicy(
+        header=preview.header.lower().encode(),
+        cookie=None if preview.cookie is None else preview.cookie.encode(),
+        allow_from=tuple(preview.allow_from),
+        token=None if preview.token is None else preview.token.encode(),
     )

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 from ..core.colors import Color
+from ..core.preview import PreviewPolicy
+from ..core.sticky import DrainWindow, StickyPolicy
 from ..core.switchboard import Switchboard, SwitchResult
 from ..core.weights import Weights
 from ..dataplane.routing import RouteTable
@@ -27,10 +29,15 @@ Change = Callable[[Switchboard, float], SwitchResult]
 Guard = Callable[[Weights, Weights], None]
 
 
-def route_table(board: Switchboard) -> RouteTable:
-    """The data plane's view of the switch state: what new requests are routed by."""
+def route_table(
+    board: Switchboard, sticky: StickyPolicy | None = None, preview: PreviewPolicy | None = None
+) -> RouteTable:
+    """The data plane's view of the switch state and the routing rules: what new requests are routed by."""
     weights = board.weights
-    return RouteTable(board.version, weights.blue, weights.green)
+    drains: dict[str, DrainWindow] = {
+        c: DrainWindow(d.started_at, d.deadline) for c, d in board.drains().items()
+    }
+    return RouteTable(board.version, weights.blue, weights.green, sticky, preview, drains)
 
 
 class Controller:
@@ -50,12 +57,16 @@ class Controller:
         *,
         drain_timeout: float,
         guard: Guard | None = None,
+        sticky: StickyPolicy | None = None,
+        preview: PreviewPolicy | None = None,
     ) -> None:
         self.switchboard = switchboard
         self.store = store
         self._runtime = runtime
         self._drainer = drainer
         self._guard = guard
+        self.sticky = sticky
+        self.preview = preview
         self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
         self._lock = asyncio.Lock()
 
@@ -146,6 +157,6 @@ class Controller:
                     "reason": event.reason,
                 },
             )
-            self._runtime.install(route_table(board))
+            self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
             return result

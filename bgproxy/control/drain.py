@@ -27,9 +27,12 @@ CLOSE_GRACE = 1.0
 class Drainer:
     """Carries out drains and the shutdown drain; one per process."""
 
-    def __init__(self, runtime: Runtime, switchboard: Switchboard) -> None:
+    def __init__(self, runtime: Runtime, switchboard: Switchboard, *, full_term: bool = False) -> None:
+        """``full_term``: a drain lasts until its deadline even when its color goes idle before,
+        because sticky sessions (on_zero_weight: drain) keep sending pinned users there until then."""
         self._runtime = runtime
         self._board = switchboard
+        self._full_term = full_term
         self._tasks: dict[Color, asyncio.Task[None]] = {}
 
     def on_switch(self, result: SwitchResult) -> None:
@@ -45,14 +48,20 @@ class Drainer:
         color = drain.color
         runtime.start_draining(color)
         log.info("drain started", extra={"color": color, "in_flight": len(runtime.active[color])})
-        if not runtime.active[color]:
+        if not runtime.active[color] and not self._full_term:
             self._finish(color)
             return
         self._tasks[color] = runtime.loop.create_task(self._run(drain))
 
     async def _run(self, drain: Drain) -> None:
         color = drain.color
-        if not await self.wait_idle(color, max(0.0, drain.deadline - time.time())):
+        remaining = max(0.0, drain.deadline - time.time())
+        if self._full_term:
+            await asyncio.sleep(remaining)
+            idle = not self._runtime.active[color]
+        else:
+            idle = await self.wait_idle(color, remaining)
+        if not idle:
             left = list(self._runtime.active[color])
             log.info("drain deadline reached", extra={"color": color, "closing": len(left)})
             for ex in left:

@@ -28,7 +28,7 @@ from .http1 import (
     build_request_head,
     error_response,
 )
-from .routing import pick
+from .routing import pick, route
 from .runtime import Runtime
 from .stats import NONE_COLOR
 from .tunnel import Tunnel
@@ -219,7 +219,13 @@ class ClientConnection:
             raise Refusal(413, f"request body of {length} bytes is over the {limit} limit")
         if req[HEAD_UPGRADE] and req[HEAD_HAS_BODY]:
             raise Refusal(400, "an Upgrade request cannot carry a body")
-        color = pick(runtime.table)
+        table = runtime.table
+        cookie = b""
+        preview = False
+        if table.ruled:
+            color, cookie, preview = route(table, self.headers, self.peer_ip, self.trusted, runtime.pools)
+        else:
+            color = pick(table)
         ex = Exchange(
             self,
             req,
@@ -229,6 +235,11 @@ class ClientConnection:
             parser.should_keep_alive(),
             runtime.loop.time(),
         )
+        if cookie:
+            ex.set_cookie = cookie
+            runtime.stats.assignments[color] += 1
+        if preview:
+            ex.cstats = runtime.stats.preview[color]
         ex.cstats.in_flight += 1
         runtime.active[color].add(ex)
         self.reading = ex

@@ -72,6 +72,7 @@ class Exchange:
         "retried",
         "reused",
         "runtime",
+        "set_cookie",
         "settings",
         "started",
         "status",
@@ -123,6 +124,7 @@ class Exchange:
         self.done = False
         self.closed_at_deadline = False
         self.tunnel: Tunnel | None = None
+        self.set_cookie = b""  # a sticky session's Set-Cookie line, added to the final response head
 
     @property
     def is_stream(self) -> bool:
@@ -279,6 +281,8 @@ class Exchange:
             self.http10,
             self.settings.via,
         )
+        if self.set_cookie and not self._upstream_sets_cookie(conn.headers):
+            head = head[:-2] + self.set_cookie + b"\r\n"
         self.response_started = True
         client.send(head)
         if self.is_head:
@@ -390,6 +394,12 @@ class Exchange:
         self.runtime.error_log.warning(
             (up.addr, reason), "upstream error", color=self.color, upstream=up.addr, reason=reason, why=why
         )
+
+    def _upstream_sets_cookie(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the upstream sets our sticky cookie itself: its own choice is left alone."""
+        line = self.set_cookie
+        prefix = line[12 : line.index(b"=") + 1]  # "Set-Cookie: " is 12 bytes; then "name="
+        return any(n.lower() == b"set-cookie" and v.lstrip().startswith(prefix) for n, v in headers)
 
     @staticmethod
     def _close_delimited(conn: UpstreamConnection) -> bool:

@@ -25,6 +25,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"proxy-authenticate",
         b"proxy-authorization",
+        b"x-bgproxy-preview-token",  # preview routing's secret: never forwarded (core.preview)
     }
 )
 # Set by bgproxy itself; a client's copy is replaced unless the peer is a trusted proxy.

@@ -1,13 +1,25 @@
-"""Where a request chooses its color: the route table the control plane installs, and ``pick()``.
+"""Where a request chooses its color: the route table the control plane installs, ``pick()`` and ``route()``.
 
 The control plane validates every change (bgproxy.core) and then installs a fresh, immutable
 RouteTable; the data plane only ever reads the one installed when a request's head is complete. So
-a flip is seen by the very next request, and no request sees half a change.
+a flip is seen by the very next request, and no request sees half a change. Without routing rules a
+request's color is ``pick(table)``, the smooth weighted round robin; with sticky sessions or preview
+routing configured it is ``route(...)``, which applies them (their decisions are core's) and falls
+back to the same pick for new users.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Final, final
+
+from ..core.cookies import cookie_values
+from ..core.preview import TOKEN_HEADER, PreviewPolicy, preview_color
+from ..core.sticky import DrainWindow, Pin, StickyPolicy, admit, cookie_value, expired, keeps, set_cookie
+from .http1 import Headers
+from .pool import ColorPool
+
+_MEMO = 4096  # entries in each of a route table's memos
 
 
 @final
@@ -50,13 +62,30 @@ class RouteTable:
     table starts it afresh, as nginx does when its upstream weights change.
     """
 
-    __slots__ = ("blue", "green", "swrr", "version")
+    __slots__ = ("blue", "drains", "green", "issued", "pins", "preview", "ruled", "sticky", "swrr", "version")
 
-    def __init__(self, version: int, blue: int, green: int) -> None:
+    def __init__(
+        self,
+        version: int,
+        blue: int,
+        green: int,
+        sticky: StickyPolicy | None = None,
+        preview: PreviewPolicy | None = None,
+        drains: dict[str, DrainWindow] | None = None,
+    ) -> None:
         self.version: Final = version
         self.blue: Final = blue
         self.green: Final = green
         self.swrr: Final = SmoothWRR(blue, green)
+        self.sticky: Final = sticky
+        self.preview: Final = preview
+        self.drains: Final = drains or {}
+        self.ruled: Final = sticky is not None or preview is not None  # else pick() is the whole story
+        # Memos of core's verdicts, so returning users cost no HMAC: what a cookie value carries
+        # (valid for this table's version; freshness is still checked on each use), and the cookie
+        # value issued per color and second (every new user of that second gets the same one).
+        self.pins: dict[bytes, Pin | None] = {}
+        self.issued: dict[tuple[str, int, bool], bytes] = {}
 
     def weight(self, color: str) -> int:
         return self.blue if color == "blue" else self.green
@@ -65,3 +94,62 @@ class RouteTable:
 def pick(table: RouteTable) -> str:
     """The color of the next request: the one decision every proxied request makes."""
     return table.swrr.pick()
+
+
+def route(
+    table: RouteTable, headers: Headers, client_ip: str, trusted: bool, pools: dict[str, ColorPool]
+) -> tuple[str, bytes, bool]:
+    """(color, Set-Cookie line or b"", whether it is a preview) for a request under the table's rules.
+
+    Preview first (a named color, if this client may); then a valid sticky pin on a color that still
+    takes its users and has a serving upstream; else a fresh assignment by the weights, pinned by a
+    new cookie. X-Forwarded-Proto counts (for the cookie's Secure) only from a trusted proxy.
+    """
+    sticky = table.sticky
+    preview = table.preview
+    cookies: list[bytes] = []
+    named: bytes | None = None
+    token: bytes | None = None
+    https = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"cookie":
+            cookies.append(value)
+        elif preview is not None and lname == preview.header:
+            named = value
+        elif lname == TOKEN_HEADER:
+            token = value
+        elif trusted and lname == b"x-forwarded-proto":
+            https = value.strip().lower() == b"https"
+    if preview is not None:
+        named_color = preview_color(preview, named, cookies, token, client_ip)
+        if named_color is not None:
+            return named_color, b"", True
+    if sticky is None:
+        return table.swrr.pick(), b"", False
+    now = time.time()
+    pins = table.pins
+    for value in cookie_values(cookies, sticky.cookie):
+        if value in pins:
+            pin = pins[value]
+        else:
+            pin = admit(sticky, value, table.version, now)
+            if len(pins) >= _MEMO:
+                pins.clear()  # bounded: cookie values come from the network
+            pins[value] = pin
+        if pin is None or expired(sticky, pin.issued, now):
+            continue
+        pinned: str = pin.color
+        weight = table.blue if pinned == "blue" else table.green
+        if keeps(sticky, pin, weight, table.drains.get(pinned), now) and pools[pinned].serving:
+            return pinned, b"", False
+        break
+    color = table.swrr.pick()
+    secure = sticky.secure == "always" or (sticky.secure == "auto" and https)
+    key = (color, int(now), secure)
+    line = table.issued.get(key)
+    if line is None:
+        if len(table.issued) >= _MEMO:
+            table.issued.clear()
+        line = table.issued[key] = set_cookie(sticky, cookie_value(sticky, color, table.version, now), secure)
+    return color, line, False

@@ -133,3 +133,7 @@ class Stats:
         self.window_seconds = max(1, math.ceil(error_window))
         kind = ColorStats if enabled else UncountedColorStats
         self.colors = {c: kind(buckets, self.window_seconds) for c in (*COLORS, NONE_COLOR)}
+        # Preview requests (routed by name, not by weight) are counted apart, so they never move a
+        # color's live error ratio; exported with route="preview".
+        self.preview: dict[str, ColorStats] = {c: kind(buckets, self.window_seconds) for c in COLORS}
+        self.assignments: dict[str, int] = dict.fromkeys(COLORS, 0)  # new users pinned by sticky sessions

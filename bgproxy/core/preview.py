@@ -1,0 +1,58 @@
+"""Preview routing: testers and pipelines reach a color by name, whatever its weight.
+
+Only from allowed networks and, when a token is set, with the token (compared in constant time).
+Anything else, including a well-formed request from elsewhere, is simply not a preview: the request
+is routed as any other, so the feature is not revealed by an error.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .colors import COLORS, Color
+from .cookies import cookie_values
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+TOKEN_HEADER = b"x-bgproxy-preview-token"
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewPolicy:
+    """preview: in the config; ``header`` lower-cased, the token as bytes."""
+
+    header: bytes
+    cookie: bytes | None
+    allow_from: tuple[Network, ...]
+    token: bytes | None
+
+
+def allowed(networks: Iterable[Network], client_ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+def preview_color(
+    policy: PreviewPolicy,
+    named: bytes | None,
+    cookie_headers: Iterable[bytes],
+    token: bytes | None,
+    client_ip: str,
+) -> Color | None:
+    """The color a request asks to preview (header first, then cookie), if it may; else None."""
+    if named is None and policy.cookie is not None:
+        values = cookie_values(cookie_headers, policy.cookie)
+        named = values[0] if values else None
+    if named is None:
+        return None
+    color = named.strip().lower().decode("latin-1")
+    if color not in COLORS or not allowed(policy.allow_from, client_ip):
+        return None
+    if policy.token is not None and (token is None or not hmac.compare_digest(token.strip(), policy.token)):
+        return None
+    return "blue" if color == "blue" else "green"
