@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .colors import COLORS, Color
-from .cookies import cookie_values
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TOKEN_HEADER = b"x-bgproxy-preview-token"
@@ -39,15 +38,13 @@ def allowed(networks: Iterable[Network], client_ip: str) -> bool:
 
 def preview_color(
     policy: PreviewPolicy,
-    named: bytes | None,
-    cookie_headers: Iterable[bytes],
+    header: bytes | None,
+    cookie: bytes | None,
     token: bytes | None,
     client_ip: str,
 ) -> Color | None:
-    """The color a request asks to preview (header first, then cookie), if it may; else None."""
-    if named is None and policy.cookie is not None:
-        values = cookie_values(cookie_headers, policy.cookie)
-        named = values[0] if values else None
+    """The color a request asks to preview (the header's, else the cookie's), if it may; else None."""
+    named = header if header is not None else cookie
     if named is None:
         return None
     color = named.strip().lower().decode("latin-1")

@@ -12,11 +12,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .colors import COLORS, Color
-from .cookies import cookie_values
 
 _SIGNATURE_BYTES = 12
 _SKEW = 60.0  # seconds a cookie's issue time may be ahead of ours (another proxy's clock)
@@ -42,6 +40,7 @@ class Pin:
     color: Color
     version: int
     issued: int
+    expires: float  # issued + max_age: after this instant the pin is stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +78,7 @@ def admit(policy: StickyPolicy, value: bytes, version: int, now: float) -> Pin |
     Genuine: four parts, a known color, numbers where numbers go, and our signature. Current: not
     issued in the future (beyond a minute of clock skew), not older than max_age, and not from a
     switch version newer than ``version``. A genuine pin stays genuine, so callers may remember the
-    verdict for a value, as long as they check ``expired`` on later use.
+    verdict for a value, as long as they check ``pin.expires`` on later use.
     """
     parts = value.split(b".")
     if len(parts) != 4:
@@ -95,22 +94,9 @@ def admit(policy: StickyPolicy, value: bytes, version: int, now: float) -> Pin |
         return None
     pinned = color.decode()
     pin_version, issued = int(version_text), int(issued_text)
-    if pinned not in COLORS or pin_version > version or issued > now + _SKEW or expired(policy, issued, now):
+    if pinned not in COLORS or pin_version > version or issued > now + _SKEW or now > issued + policy.max_age:
         return None
-    return Pin("blue" if pinned == "blue" else "green", pin_version, issued)
-
-
-def expired(policy: StickyPolicy, issued: float, now: float) -> bool:
-    return now - issued > policy.max_age
-
-
-def read_pin(policy: StickyPolicy, cookie_headers: Iterable[bytes], version: int, now: float) -> Pin | None:
-    """The first valid pin among the request's cookies of our name, or None (then: assign afresh)."""
-    for value in cookie_values(cookie_headers, policy.cookie):
-        pin = admit(policy, value, version, now)
-        if pin is not None:
-            return pin
-    return None
+    return Pin("blue" if pinned == "blue" else "green", pin_version, issued, issued + policy.max_age)
 
 
 def keeps(policy: StickyPolicy, pin: Pin, weight: int, window: DrainWindow | None, now: float) -> bool:

@@ -5,7 +5,8 @@ Vocabulary:
 - **runtime**: what the protocol classes share: settings, color pools, counters, the live exchanges,
   and the installed route table (`runtime`).
 - **route table**: an immutable snapshot of how to route, installed by the control plane on every
-  change; ``pick(table)`` is where a request chooses its color (`routing`).
+  change; ``pick(table)`` is where a request chooses its color, or ``route(...)`` when sticky or
+  preview rules are in the table (`routing`).
 - **settings**: the timeouts and limits, a frozen copy of the validated config (`settings`).
 - **client connection**: one accepted socket; parses requests, queues pipelined ones (`client`).
 - **exchange**: one request and its response, from parsed head to last byte (`exchange`).

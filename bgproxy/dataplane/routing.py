@@ -13,13 +13,14 @@ from __future__ import annotations
 import time
 from typing import Final, final
 
-from ..core.cookies import cookie_values
 from ..core.preview import TOKEN_HEADER, PreviewPolicy, preview_color
-from ..core.sticky import DrainWindow, Pin, StickyPolicy, admit, cookie_value, expired, keeps, set_cookie
+from ..core.sticky import DrainWindow, Pin, StickyPolicy, admit, cookie_value, keeps, set_cookie
 from .http1 import Headers
 from .pool import ColorPool
 
-_MEMO = 4096  # entries in each of a route table's memos
+_MEMO = 4096  # cookies issued per color and second, kept per route table
+_PIN_MEMO = 16384  # Cookie headers and the pin each carries, kept per route table (about 4 MB at most)
+_PAIR_START = b"; \t"  # what may stand before a cookie's name in a Cookie header
 
 
 @final
@@ -81,9 +82,9 @@ class RouteTable:
         self.preview: Final = preview
         self.drains: Final = drains or {}
         self.ruled: Final = sticky is not None or preview is not None  # else pick() is the whole story
-        # Memos of core's verdicts, so returning users cost no HMAC: what a cookie value carries
-        # (valid for this table's version; freshness is still checked on each use), and the cookie
-        # value issued per color and second (every new user of that second gets the same one).
+        # Memos of core's verdicts, so returning users cost no HMAC: the pin a Cookie header carries
+        # (valid for this table's version; its expiry is still checked on each use), and the
+        # Set-Cookie line issued per color and second (every new user of that second gets the same).
         self.pins: dict[bytes, Pin | None] = {}
         self.issued: dict[tuple[str, int, bool], bytes] = {}
 
@@ -94,6 +95,26 @@ class RouteTable:
 def pick(table: RouteTable) -> str:
     """The color of the next request: the one decision every proxied request makes."""
     return table.swrr.pick()
+
+
+def cookie_values(headers: list[bytes], name: bytes) -> list[bytes]:
+    """Every value of cookie ``name`` in the given Cookie header values, in order (RFC 6265 §4.2.1).
+
+    Only locates bytes, with as few calls as the hot path can afford: what a value is worth is for
+    core to say (core.sticky.admit, core.preview).
+    """
+    found: list[bytes] = []
+    want = name + b"="
+    for header in headers:
+        at = header.find(want)
+        while at >= 0:
+            if at == 0 or header[at - 1] in _PAIR_START:
+                start = at + len(want)
+                end = header.find(b";", start)
+                value = header[start:] if end < 0 else header[start:end]
+                found.append(value.strip(b' \t"'))
+            at = header.find(want, at + 1)
+    return found
 
 
 def route(
@@ -122,28 +143,37 @@ def route(
         elif trusted and lname == b"x-forwarded-proto":
             https = value.strip().lower() == b"https"
     if preview is not None:
-        named_color = preview_color(preview, named, cookies, token, client_ip)
+        by_cookie = (
+            cookie_values(cookies, preview.cookie) if preview.cookie is not None and named is None else []
+        )
+        named_color = preview_color(preview, named, by_cookie[0] if by_cookie else None, token, client_ip)
         if named_color is not None:
             return named_color, b"", True
     if sticky is None:
         return table.swrr.pick(), b"", False
     now = time.time()
+    # Memo by the whole Cookie header: a browser sends the same one on every request until its jar
+    # changes, so a returning user costs one dict lookup (core's verdict is computed once).
+    header = cookies[0] if len(cookies) == 1 else b"\n".join(cookies)
     pins = table.pins
-    for value in cookie_values(cookies, sticky.cookie):
-        if value in pins:
-            pin = pins[value]
-        else:
+    if header in pins:
+        pin = pins[header]
+    else:
+        pin = None
+        for value in cookie_values(cookies, sticky.cookie):
             pin = admit(sticky, value, table.version, now)
-            if len(pins) >= _MEMO:
-                pins.clear()  # bounded: cookie values come from the network
-            pins[value] = pin
-        if pin is None or expired(sticky, pin.issued, now):
-            continue
+            if pin is not None:
+                break
+        if len(pins) >= _PIN_MEMO:
+            pins.clear()  # bounded: headers come from the network
+        pins[header] = pin
+    if pin is not None and now <= pin.expires:
         pinned: str = pin.color
         weight = table.blue if pinned == "blue" else table.green
-        if keeps(sticky, pin, weight, table.drains.get(pinned), now) and pools[pinned].serving:
+        # A color with weight keeps its users; at weight 0, core.sticky.keeps says (follow or drain).
+        kept = weight > 0 or keeps(sticky, pin, weight, table.drains.get(pinned), now)
+        if kept and pools[pinned].serving:
             return pinned, b"", False
-        break
     color = table.swrr.pick()
     secure = sticky.secure == "always" or (sticky.secure == "auto" and https)
     key = (color, int(now), secure)
