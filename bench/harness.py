@@ -306,7 +306,7 @@ def start_upstream(
     return upstream
 
 
-class _FixedResponse(asyncio.Protocol):
+class FixedResponse(asyncio.Protocol):
     """Answers every request head with the same response; enough for bodiless GETs from wrk."""
 
     def __init__(self, response: bytes) -> None:
@@ -335,7 +335,7 @@ def serve_fixed(port: int, body: str) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _FixedResponse(response), "127.0.0.1", port, backlog=1024)
+        server = await loop.create_server(lambda: FixedResponse(response), "127.0.0.1", port, backlog=1024)
         async with server:
             await server.serve_forever()
 

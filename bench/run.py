@@ -55,9 +55,12 @@ TARGETS = (
     "bgproxy-interpreted",
     "bgproxy-sticky",
     "bgproxy-sticky-new",
+    "bgproxy-sticky-off",
 )
 # Sticky sessions on, at a 90/10 split: "bgproxy-sticky" sends a valid pin (a returning user, the
 # common case), "bgproxy-sticky-new" none (every request a new user: assigned and given a cookie).
+# "bgproxy-sticky-off" is the same split and the same Cookie header with sticky sessions off: the
+# baseline that shows what the feature itself costs.
 STICKY_KEY = "bench-sticky-key-0123456789"
 STICKY = f"sticky: {{key: {STICKY_KEY}}}\n"
 
@@ -136,7 +139,12 @@ def sticky_pin() -> str:
 
 
 def bgproxy_starter(
-    name: str, metrics: bool = True, interpreted: bool = False, sticky: bool = False, pinned: bool = False
+    name: str,
+    metrics: bool = True,
+    interpreted: bool = False,
+    sticky: bool = False,
+    pinned: bool = False,
+    split: bool = False,
 ) -> Starter:
     """bgproxy as installed, or from an interpreted copy of its sources (what mypyc buys, end to end)."""
 
@@ -152,7 +160,7 @@ def bgproxy_starter(
             name=name,
             pythonpath=pythonpath,
             extra=STICKY if sticky else "",
-            weights=(90, 10) if sticky else (100, 0),
+            weights=(90, 10) if split else (100, 0),
         )
         wait_serving(proxy.url, upstream.body, proxy.service)
         return Target(proxy.url, proxy.service.proc.pid, (sticky_pin(),) if pinned else ())
@@ -167,8 +175,9 @@ STARTERS: dict[str, Starter] = {
     "bgproxy": bgproxy_starter("bgproxy"),
     "bgproxy-nometrics": bgproxy_starter("bgproxy-nometrics", metrics=False),
     "bgproxy-interpreted": bgproxy_starter("bgproxy-interpreted", interpreted=True),
-    "bgproxy-sticky": bgproxy_starter("bgproxy-sticky", sticky=True, pinned=True),
-    "bgproxy-sticky-new": bgproxy_starter("bgproxy-sticky-new", sticky=True),
+    "bgproxy-sticky": bgproxy_starter("bgproxy-sticky", sticky=True, pinned=True, split=True),
+    "bgproxy-sticky-new": bgproxy_starter("bgproxy-sticky-new", sticky=True, split=True),
+    "bgproxy-sticky-off": bgproxy_starter("bgproxy-sticky-off", pinned=True, split=True),
 }
 REQUIRED_TOOL = {"haproxy": "haproxy", "nginx": "nginx"}
 

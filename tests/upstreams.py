@@ -18,6 +18,8 @@ from fractions import Fraction
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.typedefs import Handler
 
+from bench.harness import FixedResponse
+
 PIECE = 64 * 1024
 _CYCLE = bytes(range(251)) * (PIECE // 251 + 2)  # any 64 KiB window of the pattern is one slice of this
 
@@ -383,23 +385,6 @@ class ScriptedServer(RawServer):
             await self._record_until_eof(reader)
 
 
-class _Answer(asyncio.Protocol):
-    def __init__(self, response: bytes) -> None:
-        self.response = response
-        self.pending = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.pending += data
-        heads = self.pending.count(b"\r\n\r\n")
-        if heads and self.transport is not None:
-            self.pending = self.pending[self.pending.rfind(b"\r\n\r\n") + 4 :]
-            self.transport.write(self.response * heads)
-
-
 @asynccontextmanager
 async def fast_origin(color: str) -> AsyncIterator[str]:
     """A bare asyncio upstream answering every (bodiless) request with 200 and X-Color: its address.
@@ -410,7 +395,7 @@ async def fast_origin(color: str) -> AsyncIterator[str]:
         color.encode(), len(color), color.encode()
     )  # fmt: skip
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Answer(response), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: FixedResponse(response), "127.0.0.1", 0)
     try:
         yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:

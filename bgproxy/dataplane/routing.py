@@ -21,6 +21,12 @@ from .pool import ColorPool
 _MEMO = 4096  # cookies issued per color and second, kept per route table
 _PIN_MEMO = 16384  # Cookie headers and the pin each carries, kept per route table (about 4 MB at most)
 _PAIR_START = b"; \t"  # what may stand before a cookie's name in a Cookie header
+# What a request header is to route(), learned per exact name (lower() is a slow call here).
+_OTHER: Final = 0
+_COOKIE: Final = 1
+_PREVIEW: Final = 2
+_TOKEN: Final = 3
+_PROTO: Final = 4
 
 
 @final
@@ -63,7 +69,19 @@ class RouteTable:
     table starts it afresh, as nginx does when its upstream weights change.
     """
 
-    __slots__ = ("blue", "drains", "green", "issued", "pins", "preview", "ruled", "sticky", "swrr", "version")
+    __slots__ = (
+        "blue",
+        "drains",
+        "green",
+        "header_kinds",
+        "issued",
+        "pins",
+        "preview",
+        "ruled",
+        "sticky",
+        "swrr",
+        "version",
+    )
 
     def __init__(
         self,
@@ -87,6 +105,7 @@ class RouteTable:
         # Set-Cookie line issued per color and second (every new user of that second gets the same).
         self.pins: dict[bytes, Pin | None] = {}
         self.issued: dict[tuple[str, int, bool], bytes] = {}
+        self.header_kinds: dict[bytes, int] = {}
 
     def weight(self, color: str) -> int:
         return self.blue if color == "blue" else self.green
@@ -95,6 +114,16 @@ class RouteTable:
 def pick(table: RouteTable) -> str:
     """The color of the next request: the one decision every proxied request makes."""
     return table.swrr.pick()
+
+
+def _header_kind(lname: bytes, preview: PreviewPolicy | None) -> int:
+    if lname == b"cookie":
+        return _COOKIE
+    if preview is not None and lname == preview.header:
+        return _PREVIEW
+    if lname == TOKEN_HEADER:
+        return _TOKEN
+    return _PROTO if lname == b"x-forwarded-proto" else _OTHER
 
 
 def cookie_values(headers: list[bytes], name: bytes) -> list[bytes]:
@@ -132,15 +161,22 @@ def route(
     named: bytes | None = None
     token: bytes | None = None
     https = False
+    kinds = table.header_kinds
     for name, value in headers:
-        lname = name.lower()
-        if lname == b"cookie":
+        kind = kinds.get(name, -1)
+        if kind < 0:
+            kind = _header_kind(name.lower(), preview)
+            if len(kinds) < _MEMO:  # bounded: names come from the network
+                kinds[name] = kind
+        if kind == _OTHER:
+            continue
+        if kind == _COOKIE:
             cookies.append(value)
-        elif preview is not None and lname == preview.header:
+        elif kind == _PREVIEW:
             named = value
-        elif lname == TOKEN_HEADER:
+        elif kind == _TOKEN:
             token = value
-        elif trusted and lname == b"x-forwarded-proto":
+        elif trusted:
             https = value.strip().lower() == b"https"
     if preview is not None:
         by_cookie = (
