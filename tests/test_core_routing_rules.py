@@ -17,7 +17,8 @@ from bgproxy.core.sticky import (
     keeps,
     set_cookie,
 )
-from bgproxy.dataplane.routing import cookie_values
+from bgproxy.dataplane.pool import ColorPool, Upstream
+from bgproxy.dataplane.routing import RouteTable, cookie_values, route
 
 NOW = 1_800_000_000.0
 POLICY = StickyPolicy(b"bgproxy-color", 3600.0, "auto", True, "Lax", "follow", b"k" * 32)
@@ -149,3 +150,27 @@ def test_preview_decisions(
     color: str | None,
 ) -> None:
     assert preview_color(policy, header, cookie, token, client) == color
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_for", "color"),
+    [
+        (
+            False,
+            b"203.0.113.9",
+            "green",
+        ),  # an untrusted peer's X-Forwarded-For means nothing: the peer is local
+        (True, b"203.0.113.9", "blue"),  # behind our own proxy: the client it forwards is not local
+        (True, b"203.0.113.9, 127.0.0.1", "green"),  # the proxy appends the client it saw, last
+        (True, b"", "green"),
+    ],
+)
+def test_preview_behind_a_trusted_proxy_asks_who_it_forwards(
+    trusted: bool, forwarded_for: bytes, color: str
+) -> None:
+    table = RouteTable(0, 100, 0, preview=OPEN)
+    headers = [(b"Host", b"h"), (b"X-Bgproxy-Color", b"green")]
+    if forwarded_for:
+        headers.append((b"X-Forwarded-For", forwarded_for))
+    pools = {c: ColorPool(c, [Upstream(c, "127.0.0.1", 1, 1)], "round_robin") for c in ("blue", "green")}
+    assert route(table, headers, "127.0.0.1", trusted, pools)[0] == color

@@ -7,12 +7,19 @@ timing. What reaches the upstream and what the client gets back is asserted to t
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from waiting import eventually
 
 from bench.memory import MemoryTransport, client_connection, make_runtime, pooled_connection
+from bgproxy.control.drain import Drainer
+from bgproxy.core.switchboard import Switchboard
+from bgproxy.core.weights import Weights
 from bgproxy.dataplane.client import ClientConnection
 from bgproxy.dataplane.routing import RouteTable
 from bgproxy.dataplane.runtime import Runtime
+from bgproxy.dataplane.settings import Settings
 from bgproxy.dataplane.upstream import UpstreamConnection
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
@@ -150,3 +157,63 @@ async def test_idle_future_and_drain_counts() -> None:
     assert idle.done()
     assert runtime.stats.colors["blue"].streams_ended == 1
     assert runtime.idle("green").done()  # nothing in flight: done at once
+
+
+async def test_a_wait_that_gives_up_leaves_no_waiter_behind() -> None:
+    """drain/wait on a busy color that times out must not pile up futures on every call."""
+    runtime, _, _, client, _ = wired()
+    drainer = Drainer(runtime, Switchboard(Weights(100, 0), drain_timeout=30))
+    client.data_received(REQUEST)  # in flight, never answered
+    for _ in range(3):
+        assert not await drainer.wait_idle("blue", 0.001)
+    assert runtime.watching == 0
+
+
+async def test_a_queued_request_past_its_drain_deadline_is_refused_in_its_turn() -> None:
+    """The 503 goes out after the current answer, never inside it, and nothing reaches an upstream."""
+    _, conn, upstream, client, downstream = wired()
+    client.data_received(REQUEST + REQUEST.replace(b"GET / ", b"GET /2 "))
+    [queued] = client.queue
+    queued.close_at_deadline(1.0)
+    assert downstream.take() == b""
+    conn.data_received(RESPONSE)
+    out = downstream.take()
+    assert out.startswith(ANSWER + b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert out.endswith(b"blue drained: its deadline passed before its turn\n")
+    assert upstream.take() == FORWARDED  # the queued one was never sent
+
+
+async def test_after_a_cut_no_queued_request_reaches_an_upstream() -> None:
+    """An upstream reset mid-body cuts the client; the pipelined request behind it must not be sent."""
+    runtime, conn, upstream, client, downstream = wired()
+    client.data_received(REQUEST + b"POST /order HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok")
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    conn.connection_lost(ConnectionResetError())
+    assert downstream.aborted
+    assert upstream.take() == FORWARDED  # only the first request ever went upstream
+    assert runtime.stats.colors["blue"].codes == {200: 1, 499: 1}
+
+
+async def test_a_reader_that_stops_is_let_go_even_after_its_last_answer() -> None:
+    """Connection: close sets closing before the buffer drains; client_send must still apply."""
+    runtime = make_runtime(Settings(client_send_timeout=0.05))
+    conn, _ = pooled_connection(runtime, "blue")
+    client, downstream = client_connection(runtime)
+    client.data_received(REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    client.pause_writing()  # the client stopped reading: our buffer is over its high-water mark
+    conn.data_received(RESPONSE)
+    assert downstream.closed and not downstream.aborted  # closing, waiting for the buffer to drain
+    await eventually(lambda: downstream.aborted, 2)
+
+
+async def test_a_queued_body_is_not_timed_while_we_hold_it() -> None:
+    runtime = make_runtime(Settings(idle_timeout=0.05))
+    conn, _ = pooled_connection(runtime, "blue")
+    client, downstream = client_connection(runtime)
+    client.data_received(REQUEST + b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+    await asyncio.sleep(0.15)  # three idle timeouts while the answer to the first is pending
+    assert downstream.take() == b"" and not downstream.closed
+    conn.data_received(RESPONSE)
+    assert downstream.take() == ANSWER
+    await eventually(lambda: downstream.closed, 2)  # now it is the client's turn, and it stalls
+    assert b"408 Request Timeout" in downstream.take()

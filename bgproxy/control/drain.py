@@ -82,10 +82,13 @@ class Drainer:
 
     async def wait_idle(self, color: str, within: float) -> bool:
         """True once `color` has no open exchange, False if `within` seconds pass first."""
+        waiter = self._runtime.idle(color)
         try:
-            await asyncio.wait_for(self._runtime.idle(color), within)
+            await asyncio.wait_for(waiter, within)
         except TimeoutError:
             return False
+        finally:
+            self._runtime.unwatch(color, waiter)  # a no-op once the waiter was woken
         return True
 
     async def shutdown(self, within: float) -> None:

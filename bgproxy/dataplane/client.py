@@ -56,6 +56,7 @@ class ClientConnection:
         "header_bytes",
         "headers",
         "idle",
+        "lost",
         "parser",
         "paused",
         "peer_ip",
@@ -100,6 +101,7 @@ class ClientConnection:
         # as one send (head + body + last chunk), instead of one syscall each.
         self.wbuf: list[bytes] | None = None
         self.closing = False
+        self.lost = False  # connection_lost ran: the socket is gone (closing may be set long before)
         self.idle = True  # between requests: a timeout closes silently instead of answering 408
         self.deadline = Deadline(runtime.loop, self._timed_out)
         # Armed while our writes to the client are paused: a client that stops reading is let go.
@@ -150,6 +152,7 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.lost = True
         self.deadline.cancel()
         self.send_deadline.cancel()
         self.runtime.connections.discard(self)
@@ -243,7 +246,7 @@ class ClientConnection:
         ex.cstats.in_flight += 1
         runtime.active[color].add(ex)
         self.reading = ex
-        if ex.has_body:
+        if ex.has_body and self.current is None:
             self.deadline.arm(settings.idle_timeout)  # the body must keep coming
         if self.current is None:
             self.current = self.to_start = ex
@@ -252,9 +255,11 @@ class ClientConnection:
             self.pause(_QUEUED)
 
     def on_body(self, body: bytes) -> None:
-        if self.reading is not None:
-            self.deadline.arm(self.runtime.settings.idle_timeout)  # inactivity while the body arrives
-            self.reading.request_body(body)
+        ex = self.reading
+        if ex is not None:
+            if ex is self.current:  # a queued body waits on us, not the client: not timed yet
+                self.deadline.arm(self.runtime.settings.idle_timeout)  # inactivity while it arrives
+            ex.request_body(body)
 
     def on_message_complete(self) -> None:
         ex = self.reading
@@ -323,6 +328,12 @@ class ClientConnection:
         if ex is not self.current or self.transport is None:
             return
         self.current = None
+        if self.closing:  # cut or refused: nothing queued may reach an upstream any more
+            for queued in list(self.queue):
+                queued.client_gone()
+            self.queue.clear()
+            self._close()
+            return
         if not ex.keep:
             self._close()
             return
@@ -330,7 +341,12 @@ class ClientConnection:
             nxt = self.current = self.queue.popleft()
             if not self.queue:
                 self.resume(_QUEUED)
-            nxt.start()
+            if nxt is self.reading:  # its body may keep coming now: from here it is timed
+                self.deadline.arm(nxt.settings.idle_timeout)
+            if nxt.closed_at_deadline:
+                nxt.fail(503, f"{nxt.color} drained: its deadline passed before its turn")
+            else:
+                nxt.start()
             return
         if self.refusal is not None:
             self._refuse_now(self.refusal)
@@ -408,7 +424,7 @@ class ClientConnection:
 
     def _send_timed_out(self) -> None:
         """timeouts.client_send passed with our writes paused: the client stopped reading."""
-        if not self.write_paused or self.closing:
+        if not self.write_paused or self.lost:
             return
         limit = self.runtime.settings.client_send_timeout
         self.runtime.error_log.warning(

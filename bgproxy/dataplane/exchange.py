@@ -422,6 +422,8 @@ class Exchange:
         if self.done or self.closed_at_deadline:
             return
         self.closed_at_deadline = True
+        if self.client.current is not self:
+            return  # still queued behind another answer: refused with 503 when its turn comes
         if self.tunnel is not None:
             self.tunnel.close_going_away()  # 1001 at frame boundaries, then TCP after the grace
             self.runtime.loop.call_later(grace, self.tunnel.force_close)

@@ -19,7 +19,7 @@ from .http1 import Headers
 from .pool import ColorPool
 
 _MEMO = 4096  # cookies issued per color and second, kept per route table
-_PIN_MEMO = 16384  # Cookie headers and the pin each carries, kept per route table (about 4 MB at most)
+_PIN_MEMO = 16384  # Cookie headers (each at most _MEMO_KEY bytes) and their pins, per route table
 _PAIR_START = b"; \t"  # what may stand before a cookie's name in a Cookie header
 # What a request header is to route(), learned per exact name (lower() is a slow call here).
 _OTHER: Final = 0
@@ -27,6 +27,9 @@ _COOKIE: Final = 1
 _PREVIEW: Final = 2
 _TOKEN: Final = 3
 _PROTO: Final = 4
+_XFF: Final = 5
+_MEMO_KEY = 512  # bytes: longer header names and Cookie headers are never memoized
+_PINS_TRIED = 4  # cookie values of our name checked per request (each may cost an HMAC)
 
 
 @final
@@ -123,6 +126,8 @@ def _header_kind(lname: bytes, preview: PreviewPolicy | None) -> int:
         return _PREVIEW
     if lname == TOKEN_HEADER:
         return _TOKEN
+    if lname == b"x-forwarded-for":
+        return _XFF
     return _PROTO if lname == b"x-forwarded-proto" else _OTHER
 
 
@@ -161,12 +166,13 @@ def route(
     named: bytes | None = None
     token: bytes | None = None
     https = False
+    forwarded_for = b""
     kinds = table.header_kinds
     for name, value in headers:
         kind = kinds.get(name, -1)
         if kind < 0:
             kind = _header_kind(name.lower(), preview)
-            if len(kinds) < _MEMO:  # bounded: names come from the network
+            if len(kinds) < _MEMO and len(name) <= _MEMO_KEY:  # bounded: names come from the network
                 kinds[name] = kind
         if kind == _OTHER:
             continue
@@ -176,12 +182,16 @@ def route(
             named = value
         elif kind == _TOKEN:
             token = value
+        elif kind == _XFF:
+            forwarded_for = value
         elif trusted:
             https = value.strip().lower() == b"https"
     if preview is not None:
         by_cookie = (
             cookie_values(cookies, preview.cookie) if preview.cookie is not None and named is None else []
         )
+        if trusted and forwarded_for:  # behind our own proxy the peer is that proxy: ask who it forwards
+            client_ip = forwarded_for.rsplit(b",", 1)[-1].strip().decode("latin-1")
         named_color = preview_color(preview, named, by_cookie[0] if by_cookie else None, token, client_ip)
         if named_color is not None:
             return named_color, b"", True
@@ -196,13 +206,14 @@ def route(
         pin = pins[header]
     else:
         pin = None
-        for value in cookie_values(cookies, sticky.cookie):
+        for value in cookie_values(cookies, sticky.cookie)[:_PINS_TRIED]:
             pin = admit(sticky, value, table.version, now)
             if pin is not None:
                 break
-        if len(pins) >= _PIN_MEMO:
-            pins.clear()  # bounded: headers come from the network
-        pins[header] = pin
+        if len(header) <= _MEMO_KEY:  # bounded in count and size: headers come from the network
+            if len(pins) >= _PIN_MEMO:
+                pins.clear()
+            pins[header] = pin
     if pin is not None and now <= pin.expires:
         pinned: str = pin.color
         weight = table.blue if pinned == "blue" else table.green

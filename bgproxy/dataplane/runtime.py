@@ -99,6 +99,13 @@ class Runtime:
             self.watching += 1
         return waiter
 
+    def unwatch(self, color: str, waiter: asyncio.Future[None]) -> None:
+        """Drop a waiter that gave up (its wait timed out), so waits on a busy color leave nothing behind."""
+        waiters = self._idle_waiters[color]
+        if waiter in waiters:
+            waiters.remove(waiter)
+            self.watching -= 1
+
     def exchange_ended(self, ex: Exchange) -> None:
         """An exchange ended while a drain or an idle waiter cares: count it, wake the waiters if idle."""
         color = ex.color
