@@ -11,17 +11,16 @@ import contextlib
 import ipaddress
 import logging
 import time
-from functools import partial
 from typing import cast
 
 from aiohttp import web
 
 from .admin.server import build_admin_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, HealthCheckConfig
 from .control.configure import color_pools, dataplane_settings, outlier_policy, preview_policy, sticky_policy
 from .control.controller import Controller, route_table
 from .control.drain import Drainer
-from .control.health import HealthMonitor, readiness, refuse_dead_colors
+from .control.health import FlipGuard, HealthMonitor, readiness
 from .control.state import FileStateBackend, PersistedState, StateBackend
 from .core.colors import COLORS
 from .core.switchboard import Switchboard
@@ -141,9 +140,10 @@ class App:
         config = self.config
         loop = asyncio.get_running_loop()
         pools = color_pools(config)
+        checks: dict[str, HealthCheckConfig | None] = {c: config.pools.get(c).health_check for c in COLORS}
         health = HealthMonitor(
             pools,
-            checks={c: config.pools.get(c).health_check for c in COLORS},
+            checks=checks,
             policies={c: outlier_policy(config, c) for c in COLORS},
         )
         sticky, preview = sticky_policy(config), preview_policy(config)
@@ -158,7 +158,7 @@ class App:
             runtime,
             drainer,
             drain_timeout=config.drain_timeout,
-            guard=partial(refuse_dead_colors, pools),
+            guard=FlipGuard(pools, checks, config.flip_probe),
             sticky=sticky,
             preview=preview,
         )

@@ -417,6 +417,7 @@ class Config(_Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     drain_timeout: Duration = 30.0
     shutdown_timeout: Duration = 30.0
+    flip_probe: Literal["http", "tcp", "off"] = "http"
     state_file: Path = Path("bgproxy-state.json")
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)

@@ -42,6 +42,7 @@ class Server:
             "pools": {"blue": {"upstreams": [upstream]}, "green": {"upstreams": [upstream]}},
             "weights": {"blue": 100, "green": 0},
             "state_file": str(self.state_file),
+            "flip_probe": "off",  # nothing listens upstream: these tests drive the CLI, not traffic
         }
         self.config.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -31,7 +31,7 @@ _ERRORS = {
     401: "Tokens are configured and the request has no valid bearer token.",
     408: "The color still had open exchanges when the timeout passed.",
     409: "Stale If-Match version, a flip without `to` while both colors have weight, or weight for a "
-    "color with no healthy upstream (without force). Nothing changed.",
+    "color with no healthy upstream or none answering the flip probe (without force). Nothing changed.",
     415: "The body is not application/json.",
     422: "The body does not validate; one detail line per bad field.",
     500: "The change could not be saved to the state file. Nothing changed.",

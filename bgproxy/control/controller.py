@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..core.colors import Color
 from ..core.preview import PreviewPolicy
@@ -26,7 +26,7 @@ log = logging.getLogger("bgproxy.control")
 
 Change = Callable[[Switchboard, float], SwitchResult]
 # Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
-Guard = Callable[[Weights, Weights], None]
+Guard = Callable[[Weights, Weights], Awaitable[None]]
 
 
 def route_table(
@@ -135,7 +135,7 @@ class Controller:
             if preview.event is None:
                 return preview
             if self._guard is not None and not force:
-                self._guard(preview.event.from_weights, preview.event.to_weights)
+                await self._guard(preview.event.from_weights, preview.event.to_weights)
             planned = PersistedState(preview.event.to_weights, preview.event.version, now)
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, planned)

@@ -171,3 +171,59 @@ def refuse_dead_colors(pools: dict[str, ColorPool], before: Weights, after: Weig
                     f"{color} has no healthy upstream (down: {down}); nothing changed. "
                     'Send "force": true to apply anyway.'
                 )
+
+
+FLIP_PROBE_TIMEOUT = 1.0  # seconds a flip probe's TCP connect may take
+
+
+async def connect_probe(up: Upstream) -> tuple[bool, str]:
+    """Whether the upstream accepts a TCP connection now (the flip probe without a health path)."""
+    timeout = FLIP_PROBE_TIMEOUT
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(up.host, up.port)
+    except TimeoutError:
+        return False, f"no connection within {timeout:g}s"
+    except OSError as exc:
+        return False, f"connect failed: {exc.strerror or exc}"
+    writer.close()
+    return True, "connected"
+
+
+class FlipGuard:
+    """The Controller's guard: weight goes only to a color that can take it, checked right then.
+
+    First what health already knows (no healthy upstream: refused at once); then, unless
+    ``flip_probe: off``, every upstream of each color gaining weight is probed concurrently, with
+    the health check's GET when ``http`` and the pool has a health_check, else a TCP connect. A
+    color none of whose upstreams answers is refused, naming each one and why. ``force`` skips it.
+    """
+
+    def __init__(
+        self, pools: dict[str, ColorPool], checks: dict[str, HealthCheckConfig | None], mode: str
+    ) -> None:
+        self._pools = pools
+        self._checks = checks
+        self._mode = mode
+
+    async def __call__(self, before: Weights, after: Weights) -> None:
+        refuse_dead_colors(self._pools, before, after)
+        if self._mode == "off":
+            return
+        for color in COLORS:
+            if after.of(color) > before.of(color):
+                await self._probe(color)
+
+    async def _probe(self, color: str) -> None:
+        ups = self._pools[color].upstreams
+        check = self._checks[color] if self._mode == "http" else None
+        results = await asyncio.gather(
+            *(connect_probe(up) if check is None else probe(up, check) for up in ups)
+        )
+        if any(ok for ok, _ in results):
+            return
+        failed = "; ".join(f"{up.addr}: {why}" for up, (_, why) in zip(ups, results, strict=True))
+        raise SwitchError(
+            f"{color}: no upstream answered the flip probe ({failed or 'none configured'}); nothing changed. "
+            'Send "force": true to apply anyway.'
+        )
