@@ -93,7 +93,7 @@ def color_state(app: Process, color: Color) -> dict[str, Any]:
     return {
         "weight": app.switchboard.weights.of(color),
         "upstreams": [up.addr for up in app.runtime.pools[color].upstreams],
-        "in_flight": stats.in_flight + app.stats.preview[color].in_flight,
+        "in_flight": app.stats.in_flight(color),
         "streams": app.runtime.open_streams(color),
         "draining": drain is not None,
         "drain_deadline": rfc3339(drain.deadline) if drain is not None else None,

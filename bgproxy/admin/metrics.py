@@ -93,7 +93,7 @@ class BgproxyCollector(Collector):
         weights = app.switchboard.weights.as_dict()
         for color in COLORS:
             cs = stats.colors[color]
-            active.add_metric([color], cs.in_flight + stats.preview[color].in_flight)
+            active.add_metric([color], stats.in_flight(color))
             streams.add_metric([color], app.runtime.open_streams(color))
             ended.add_metric([color, "self"], cs.streams_ended)
             ended.add_metric([color, "deadline"], cs.streams_deadline)

@@ -23,13 +23,22 @@ from ..dataplane.pool import ColorPool, Upstream
 
 log = logging.getLogger("bgproxy.health")
 
+FLIP_PROBE_TIMEOUT = 1.0  # seconds a flip probe's TCP connect may take
 
-async def probe(up: Upstream, check: HealthCheckConfig) -> tuple[bool, str]:
-    """One active check: GET the health path on a fresh connection. Returns (ok, what happened)."""
+
+async def probe(up: Upstream, check: HealthCheckConfig | None) -> tuple[bool, str]:
+    """One probe on a fresh connection: GET the health path, or with no check only connect.
+
+    Returns (ok, what happened). Without a check the connect has FLIP_PROBE_TIMEOUT.
+    """
+    timeout = FLIP_PROBE_TIMEOUT if check is None else check.timeout
     writer: asyncio.StreamWriter | None = None
+    line = b""
     try:
-        async with asyncio.timeout(check.timeout):
+        async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(up.host, up.port)
+            if check is None:
+                return True, "connected"
             host = up.addr.encode()  # Host: host:port, IPv6 in brackets
             writer.write(
                 b"GET " + check.path.encode() + b" HTTP/1.1\r\nHost: " + host
@@ -37,7 +46,7 @@ async def probe(up: Upstream, check: HealthCheckConfig) -> tuple[bool, str]:
             )  # fmt: skip
             line = await reader.readline()
     except TimeoutError:
-        return False, f"no answer within {check.timeout:g}s"
+        return False, f"no {'connection' if check is None else 'answer'} within {timeout:g}s"
     except OSError as exc:
         return False, f"connect failed: {exc.strerror or exc}"
     finally:
@@ -160,43 +169,13 @@ def readiness(pools: dict[str, ColorPool], weights: Weights) -> tuple[bool, str]
     return True, "serving"
 
 
-def refuse_dead_colors(pools: dict[str, ColorPool], before: Weights, after: Weights) -> None:
-    """Controller guard: no weight goes to a color that has no healthy upstream to take it."""
-    for color in COLORS:
-        if after.of(color) > before.of(color):
-            pool = pools[color]
-            if not pool.serving:
-                down = ", ".join(up.addr for up in pool.upstreams) or "none configured"
-                raise SwitchError(
-                    f"{color} has no healthy upstream (down: {down}); nothing changed. "
-                    'Send "force": true to apply anyway.'
-                )
-
-
-FLIP_PROBE_TIMEOUT = 1.0  # seconds a flip probe's TCP connect may take
-
-
-async def connect_probe(up: Upstream) -> tuple[bool, str]:
-    """Whether the upstream accepts a TCP connection now (the flip probe without a health path)."""
-    timeout = FLIP_PROBE_TIMEOUT
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(up.host, up.port)
-    except TimeoutError:
-        return False, f"no connection within {timeout:g}s"
-    except OSError as exc:
-        return False, f"connect failed: {exc.strerror or exc}"
-    writer.close()
-    return True, "connected"
-
-
 class FlipGuard:
     """The Controller's guard: weight goes only to a color that can take it, checked right then.
 
-    First what health already knows (no healthy upstream: refused at once); then, unless
-    ``flip_probe: off``, every upstream of each color gaining weight is probed concurrently, with
-    the health check's GET when ``http`` and the pool has a health_check, else a TCP connect. A
-    color none of whose upstreams answers is refused, naming each one and why. ``force`` skips it.
+    For each color gaining weight: refused at once when health already knows it has no healthy
+    upstream; then, unless ``flip_probe: off``, every upstream is probed concurrently (the health
+    check's GET when ``http`` and the pool has a health_check, else a TCP connect) and the color is
+    refused when none answers, naming each one and why. ``force`` skips the guard.
     """
 
     def __init__(
@@ -207,19 +186,22 @@ class FlipGuard:
         self._mode = mode
 
     async def __call__(self, before: Weights, after: Weights) -> None:
-        refuse_dead_colors(self._pools, before, after)
-        if self._mode == "off":
-            return
         for color in COLORS:
             if after.of(color) > before.of(color):
-                await self._probe(color)
+                pool = self._pools[color]
+                if not pool.serving:
+                    down = ", ".join(up.addr for up in pool.upstreams) or "none configured"
+                    raise SwitchError(
+                        f"{color} has no healthy upstream (down: {down}); nothing changed. "
+                        'Send "force": true to apply anyway.'
+                    )
+                if self._mode != "off":
+                    await self._probe(color)
 
     async def _probe(self, color: str) -> None:
         ups = self._pools[color].upstreams
         check = self._checks[color] if self._mode == "http" else None
-        results = await asyncio.gather(
-            *(connect_probe(up) if check is None else probe(up, check) for up in ups)
-        )
+        results = await asyncio.gather(*(probe(up, check) for up in ups))
         if any(ok for ok, _ in results):
             return
         failed = "; ".join(f"{up.addr}: {why}" for up, (_, why) in zip(ups, results, strict=True))

@@ -8,13 +8,11 @@ is routed as any other, so the feature is not revealed by an error.
 from __future__ import annotations
 
 import hmac
-import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .address import Network, in_networks
 from .colors import COLORS, Color
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TOKEN_HEADER = b"x-bgproxy-preview-token"
 
 
@@ -26,14 +24,6 @@ class PreviewPolicy:
     cookie: bytes | None
     allow_from: tuple[Network, ...]
     token: bytes | None
-
-
-def allowed(networks: Iterable[Network], client_ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)
 
 
 def preview_color(
@@ -48,7 +38,7 @@ def preview_color(
     if named is None:
         return None
     color = named.strip().lower().decode("latin-1")
-    if color not in COLORS or not allowed(policy.allow_from, client_ip):
+    if color not in COLORS or not in_networks(client_ip, policy.allow_from):
         return None
     if policy.token is not None and (token is None or not hmac.compare_digest(token.strip(), policy.token)):
         return None

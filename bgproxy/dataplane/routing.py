@@ -216,7 +216,7 @@ def route(
             pins[header] = pin
     if pin is not None and now <= pin.expires:
         pinned: str = pin.color
-        weight = table.blue if pinned == "blue" else table.green
+        weight = table.weight(pinned)
         # A color with weight keeps its users; at weight 0, core.sticky.keeps says (follow or drain).
         kept = weight > 0 or keeps(sticky, pin, weight, table.drains.get(pinned), now)
         if kept and pools[pinned].serving:

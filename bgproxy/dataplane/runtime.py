@@ -109,10 +109,11 @@ class Runtime:
     def exchange_ended(self, ex: Exchange) -> None:
         """An exchange ended while a drain or an idle waiter cares: count it, wake the waiters if idle."""
         color = ex.color
+        counts = self.stats.colors[color]  # the color's drain counts, previews included
         if ex.closed_at_deadline:
-            ex.cstats.streams_deadline += 1
+            counts.streams_deadline += 1
         elif color in self.draining:
-            ex.cstats.streams_ended += 1
+            counts.streams_ended += 1
         waiters = self._idle_waiters[color]
         if waiters and not self.active[color]:
             self._idle_waiters[color] = []

@@ -6,10 +6,9 @@ pydantic nor the config module; frozen, so a running exchange can never see it c
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from ..core.address import Network, in_networks
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,4 @@ class Settings:
 
     def is_trusted(self, ip: str) -> bool:
         """Whether a peer's X-Forwarded-* headers may be appended to rather than replaced."""
-        if not self.trusted_proxies:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.trusted_proxies)
+        return bool(self.trusted_proxies) and in_networks(ip, self.trusted_proxies)

@@ -137,3 +137,7 @@ class Stats:
         # color's live error ratio; exported with route="preview".
         self.preview: dict[str, ColorStats] = {c: kind(buckets, self.window_seconds) for c in COLORS}
         self.assignments: dict[str, int] = dict.fromkeys(COLORS, 0)  # new users pinned by sticky sessions
+
+    def in_flight(self, color: str) -> int:
+        """Requests of a color being proxied now, previews included."""
+        return self.colors[color].in_flight + self.preview[color].in_flight
