@@ -11,17 +11,24 @@ import contextlib
 import ipaddress
 import logging
 import time
-from typing import cast
+from typing import Any, cast
 
 from aiohttp import web
 
 from .admin.server import build_admin_app
 from .config import Config, ConfigError, HealthCheckConfig
-from .control.configure import color_pools, dataplane_settings, outlier_policy, preview_policy, sticky_policy
+from .control.configure import (
+    color_pools,
+    dataplane_settings,
+    outlier_policy,
+    preview_policy,
+    sticky_policy,
+)
 from .control.controller import Controller, route_table
 from .control.drain import Drainer
 from .control.health import FlipGuard, HealthMonitor, readiness
-from .control.state import FileStateBackend, PersistedState, StateBackend
+from .control.rollout import RolloutRunner
+from .control.state import FileStateBackend, PersistedState, StateBackend, StateFileError
 from .core.colors import COLORS
 from .core.switchboard import Switchboard
 from .core.weights import Weights
@@ -45,12 +52,18 @@ class _Started:
     """What exists only while the process runs: it needs the event loop."""
 
     def __init__(
-        self, runtime: Runtime, health: HealthMonitor, drainer: Drainer, controller: Controller
+        self,
+        runtime: Runtime,
+        health: HealthMonitor,
+        drainer: Drainer,
+        controller: Controller,
+        rollouts: RolloutRunner,
     ) -> None:
         self.runtime = runtime
         self.health = health
         self.drainer = drainer
         self.controller = controller
+        self.rollouts = rollouts
 
 
 class App:
@@ -99,6 +112,10 @@ class App:
     def drainer(self) -> Drainer:
         return self.started.drainer
 
+    @property
+    def rollouts(self) -> RolloutRunner:
+        return self.started.rollouts
+
     def readiness(self) -> tuple[bool, str]:
         """Whether to take traffic, and why not (for /readyz)."""
         if self.shutting_down:
@@ -117,15 +134,16 @@ class App:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _restore_state(self) -> None:
+    def _restore_state(self) -> tuple[dict[str, Any], ...]:
         """The saved state wins over the config, whose weights only seed a missing one.
 
-        Raises StateFileError for a corrupt or unwritable file: guessing could route to the wrong color.
+        Returns the saved rollout records. Raises StateFileError for a corrupt or unwritable file:
+        guessing could route to the wrong color.
         """
         saved = None if self._reset_state else self.state_store.load()
         if saved is not None:
             self.switchboard.restore(saved.weights, saved.version, saved.updated_at)
-            return
+            return saved.rollouts
         if self._reset_state:
             log.warning(
                 "state file reset: seeding it from the config's weights",
@@ -134,9 +152,10 @@ class App:
         board = self.switchboard
         # Written now, so an unwritable state file stops the start instead of failing the first flip.
         self.state_store.save(PersistedState(board.weights, board.version, board.updated_at))
+        return ()
 
     async def start(self) -> None:
-        self._restore_state()
+        records = self._restore_state()
         config = self.config
         loop = asyncio.get_running_loop()
         pools = color_pools(config)
@@ -161,8 +180,13 @@ class App:
             guard=FlipGuard(pools, checks, config.flip_probe),
             sticky=sticky,
             preview=preview,
+            rollouts=records,
         )
-        self._started = _Started(runtime, health, drainer, controller)
+        try:
+            rollouts = RolloutRunner(controller, self.stats, config.rollout)
+        except ValueError as exc:
+            raise StateFileError(self.config.state_file, f"rollouts: {exc}") from None
+        self._started = _Started(runtime, health, drainer, controller, rollouts)
         health.start()
         listen = config.listen
         self._server = await loop.create_server(
@@ -173,6 +197,7 @@ class App:
             backlog=4096,
         )
         self._housekeeping = loop.create_task(self._tick())
+        await rollouts.start_loop()
         admin = config.admin
         self._admin_runner = web.AppRunner(
             build_admin_app(self, admin.tokens), access_log=None, handle_signals=False
@@ -224,6 +249,7 @@ class App:
             self._server.close()
         started = self._started
         if started is not None:
+            await started.rollouts.stop()
             await started.health.stop()
             for conn in list(started.runtime.connections):
                 conn.abort()

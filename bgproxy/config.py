@@ -23,6 +23,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     StrictInt,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -49,8 +50,10 @@ __all__ = [
     "PoolConfig",
     "Pools",
     "PreviewConfig",
+    "RolloutConfig",
     "StickyConfig",
     "Timeouts",
+    "WebhookConfig",
     "WeightsConfig",
     "dump_config",
     "load_config",
@@ -410,6 +413,92 @@ class MetricsConfig(_Section):
         return buckets
 
 
+def _non_negative_duration(value: object) -> float:
+    """Like a Duration, but 0 is allowed (``bake: 0`` means no bake)."""
+    if value == 0 or value in ("0", "0s", "0ms"):
+        return 0.0
+    return parse_duration(value)
+
+
+NonNegativeDuration = Annotated[float, PlainValidator(_non_negative_duration)]
+Ratio = Annotated[float, Field(gt=0, lt=1)]
+
+
+def _error_status(value: Any) -> str:
+    """``500``, ``"5xx"`` or ``"500-504"``: one status, a class, or a range."""
+    text = str(value).strip() if isinstance(value, int | str) and not isinstance(value, bool) else None
+    if text is None:
+        raise ValueError("must be a status like 500, a class like 5xx or a range like 500-504")
+    if re.fullmatch(r"[1-5]xx", text):
+        return text
+    _status_range(text)
+    return text
+
+
+def status_matches(specs: "list[str]", status: int) -> bool:
+    """Whether ``status`` is one of ``error_statuses``."""
+    for spec in specs:
+        if spec.endswith("xx"):
+            if status // 100 == int(spec[0]):
+                return True
+        else:
+            low, high = _status_range(spec)
+            if low <= status <= high:
+                return True
+    return False
+
+
+class WebhookConfig(_Section):
+    """A gate or notice a rollout calls (as Flagger's webhooks)."""
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    type: Literal["pre_rollout", "step", "confirm_promotion", "post_rollout", "rollback", "event"]
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$")]
+    timeout: Duration = 5.0
+    retries: StrictInt = Field(default=2, ge=0, le=10)
+    on_failure: Literal["abort", "pause"] = "abort"
+    interval: Duration = 10.0
+    secret: Annotated[str, AfterValidator(_secret_key)] | None = Field(default=None, repr=False)
+
+
+class RolloutConfig(_Section):
+    """Defaults of every guarded rollout; each field can be overridden per rollout in the API."""
+
+    steps: list[StrictInt] = Field(default_factory=lambda: [5, 25, 50, 100])
+    step_pause: Duration = 30.0
+    min_requests: StrictInt = Field(default=200, ge=0)
+    bake: NonNegativeDuration = 300.0
+    max_error_ratio: Ratio = 0.005
+    max_error_ratio_increase: Ratio | None = 0.005
+    max_p99: Duration | None = None
+    max_p99_ratio: Annotated[float, Field(ge=1)] | None = None
+    confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.99
+    require_proof: bool = False
+    on_insufficient_traffic: Literal["wait", "promote", "abort"] = "wait"
+    progress_deadline: Duration = 600.0
+    error_statuses: list[Annotated[str, PlainValidator(_error_status)]] = Field(
+        default_factory=lambda: ["5xx"]
+    )
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: list[int]) -> list[int]:
+        if not steps or any(not 1 <= s <= 100 for s in steps):
+            raise ValueError("must be a non-empty list of percentages 1..100")
+        if any(a >= b for a, b in itertools.pairwise(steps)) or steps[-1] != 100:
+            raise ValueError("must increase and end at 100, like [5, 25, 50, 100]")
+        return steps
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_names(cls, hooks: list[WebhookConfig]) -> list[WebhookConfig]:
+        names = [h.name for h in hooks]
+        if len(set(names)) != len(names):
+            raise ValueError("webhook names must be unique")
+        return hooks
+
+
 class Config(_Section):
     listen: HostPort = HostPort("127.0.0.1", 8080)
     admin: AdminConfig = Field(default_factory=AdminConfig)
@@ -426,6 +515,7 @@ class Config(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     sticky: StickyConfig | None = None
     preview: PreviewConfig | None = None
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -537,7 +627,8 @@ def _env_overrides(
 def _problem_line(path: str, error: ErrorDetails, origin: Mapping[tuple[str, ...], str]) -> str:
     loc = tuple(str(part) for part in error["loc"])
     message = describe(error)
-    secret = (loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3) or loc in _SECRET_LOCS
+    webhook_secret = loc[:2] == ("rollout", "webhooks") and loc[-1] == "secret"
+    secret = (loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3) or loc in _SECRET_LOCS or webhook_secret
     got = "" if error["type"] == "missing" else f" (got {_got(error['input'], secret)})"
     for prefix, variable in origin.items():
         if loc[: len(prefix)] == prefix:
@@ -597,4 +688,7 @@ def dump_config(cfg: Config) -> str:
     for section, key in _SECRET_LOCS:
         if data.get(section) and data[section].get(key) is not None:
             data[section][key] = "***"
+    for hook in data["rollout"]["webhooks"]:
+        if hook["secret"] is not None:
+            hook["secret"] = "***"
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -177,7 +177,8 @@ async def test_flip_moves_the_next_request_and_is_audited(admin: Admin, http: ai
         "weights": {"blue": 0, "green": 100},
         "version": 1,
         "updated_at": state["updated_at"],
-        "format": 1,
+        "rollouts": [],
+        "format": 2,
     }
     # No body at all is a flip too: back to blue, the total weight kept.
     status, state, _ = await admin.call("POST", "/v1/flip")
@@ -472,7 +473,8 @@ async def test_concurrent_changes_get_one_gapless_version_sequence(admin: Admin)
         "weights": final["weights"],
         "version": final["version"],
         "updated_at": final["updated_at"],
-        "format": 1,
+        "rollouts": [],
+        "format": 2,
     }
     loaded = FileStateBackend(admin.proxy.app.config.state_file).load()
     assert loaded is not None

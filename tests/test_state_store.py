@@ -38,7 +38,8 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
         "weights": {"blue": 90, "green": 10},
         "version": 3,
         "updated_at": "2024-05-01T12:00:00.123456Z",
-        "format": 1,
+        "rollouts": [],
+        "format": 2,
     }
 
 
@@ -74,10 +75,16 @@ def test_failed_save_names_the_file_and_keeps_the_old_state(tmp_path: Path) -> N
         (b'{"weights": ', "not valid JSON: Expecting value: line 1 column 13"),
         (b"\xff\xfe\x00garbage", "not UTF-8 text: invalid start byte at byte 0"),
         (b"[1, 2]", "top level must be a JSON object, got list"),
-        (json.dumps({**GOOD, "format": 2}).encode(), "format must be 1 (got 2)"),
+        (json.dumps({**GOOD, "format": 3}).encode(), "format must be 1 or 2 (got 3)"),
+        (json.dumps({**GOOD, "format": 2}).encode(), "missing key 'rollouts'"),
+        (json.dumps({**GOOD, "rollouts": []}).encode(), "unknown key 'rollouts'"),
+        (
+            json.dumps({**GOOD, "format": 2, "rollouts": [1]}).encode(),
+            "rollouts must be a list of JSON objects",
+        ),
         (
             json.dumps({k: v for k, v in GOOD.items() if k != "format"}).encode(),
-            "format must be 1 (got None)",
+            "format must be 1 or 2 (got None)",
         ),
         (json.dumps({**GOOD, "extra": 1}).encode(), "unknown key 'extra'"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "version"}).encode(), "missing key 'version'"),

@@ -17,11 +17,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
-from ..config import parse_duration
+from ..config import RolloutConfig, parse_duration
+from ..control.configure import rollout_spec
+from ..control.controller import RolloutHolds
 from ..control.state import StateFileError
 from ..core.colors import COLORS, Color
 from ..core.errors import SwitchError, VersionConflict
 from ..core.jsontext import loads_strict
+from ..core.rollout import Rollout, RolloutError
 from ..core.switchboard import SwitchResult
 from ..core.timefmt import rfc3339
 from ..core.weights import Weights
@@ -32,6 +35,10 @@ from .models import (
     EventsView,
     FlipRequest,
     PoolsHealthView,
+    RolloutActionRequest,
+    RolloutRequest,
+    RolloutsView,
+    RolloutView,
     StateView,
     WeightsRequest,
     error_lines,
@@ -165,6 +172,50 @@ def state_view(app: Process) -> dict[str, Any]:
     return view.model_dump(mode="json")
 
 
+def rollout_view(r: Rollout) -> dict[str, Any]:
+    """A rollout as the API shows it, validated against RolloutView."""
+    records = {rec.index: rec for rec in r.steps}
+    steps = []
+    for index, weight in enumerate(r.spec.steps):
+        rec = records.get(index)
+        status = "pending" if rec is None else ("current" if rec.ended_at is None else "done")
+        steps.append(
+            {
+                "index": index,
+                "weight": weight,
+                "status": status,
+                "started_at": rfc3339(rec.started_at) if rec else None,
+                "ended_at": rfc3339(rec.ended_at) if rec and rec.ended_at is not None else None,
+                "evidence": rec.evidence if rec else None,
+            }
+        )
+    view = RolloutView.model_validate(
+        {
+            "id": r.id,
+            "from": r.stable,
+            "to": r.candidate,
+            "state": r.state,
+            "step": r.step,
+            "weights": {r.candidate: r.weight, r.stable: 100 - r.weight},
+            "rule": r.rule,
+            "paused_by": r.paused_by,
+            "gates_left": list(r.gates_left),
+            "created_at": rfc3339(r.created_at),
+            "updated_at": rfc3339(r.updated_at),
+            "actor": r.actor,
+            "reason": r.reason,
+            "evidence": r.evidence,
+            "steps": steps,
+            "decisions": [
+                {"at": rfc3339(d.at), "step": d.step, "action": d.action, "reason": d.reason}
+                for d in r.decisions
+            ],
+            "spec": r.spec.as_dict(),
+        }
+    )
+    return view.model_dump(mode="json", by_alias=True)
+
+
 def _if_match(request: web.Request) -> int | None:
     """``If-Match: 7`` or ``If-Match: "7"`` (the ETag we send): the version the client expects."""
     raw = request.headers.get("If-Match")
@@ -250,6 +301,8 @@ class _Api:
             await change
         except VersionConflict as exc:
             raise ApiError(409, str(exc), ["nothing was changed; read /v1/state and retry"]) from None
+        except RolloutHolds as exc:
+            raise ApiError(409, "a rollout is running", [str(exc)]) from None
         except SwitchError as exc:
             raise ApiError(409, str(exc)) from None
         except StateFileError as exc:
@@ -322,6 +375,51 @@ class _Api:
         ]
         return web.json_response(EventsView.model_validate({"events": events}).model_dump(mode="json"))
 
+    async def start_rollout(self, request: web.Request) -> web.Response:
+        body = await _read_body(request, RolloutRequest, "rollout", optional=False)
+        merged = {**self.app.rollouts.config.model_dump(), **body.overrides()}
+        try:
+            plan = RolloutConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid request body", error_lines(exc, "rollout")) from None
+        try:
+            r = await self.app.rollouts.start(
+                body.to, rollout_spec(plan), actor=request[ACTOR], reason=body.reason, force=body.force
+            )
+        except SwitchError as exc:
+            raise ApiError(409, str(exc), ["no rollout was started"]) from None
+        except StateFileError as exc:
+            log.error("could not persist a rollout: %s", exc)
+            raise ApiError(500, "could not save the rollout", [str(exc)]) from None
+        return web.json_response(rollout_view(r), status=201)
+
+    async def get_rollouts(self, request: web.Request) -> web.Response:
+        views = [rollout_view(r) for r in reversed(self.app.rollouts.history)]
+        return web.json_response(
+            RolloutsView.model_validate({"rollouts": views}).model_dump(mode="json", by_alias=True)
+        )
+
+    async def current_rollout(self, request: web.Request) -> web.Response:
+        r = self.app.rollouts.current
+        if r is None:
+            raise ApiError(404, "no rollout has run", ["start one with POST /v1/rollouts"])
+        return web.json_response(rollout_view(r))
+
+    async def rollout_action(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        body = await _read_body(request, RolloutActionRequest, action, optional=True)
+        actor = request[ACTOR] + (f" ({body.reason})" if body.reason else "")
+        try:
+            r = await self.app.rollouts.act(action, actor=actor)
+        except LookupError:
+            raise ApiError(404, "no rollout has run", ["start one with POST /v1/rollouts"]) from None
+        except RolloutError as exc:
+            raise ApiError(409, str(exc), ["nothing was changed"]) from None
+        except StateFileError as exc:
+            log.error("could not persist a rollout: %s", exc)
+            raise ApiError(500, "could not save the change", [str(exc)]) from None
+        return web.json_response(rollout_view(r))
+
     async def get_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)
 
@@ -335,5 +433,9 @@ def build_v1_app(app: Process, tokens: Mapping[str, str]) -> web.Application:
     v1.router.add_get("/events", api.get_events)
     v1.router.add_get("/pools", api.get_pools)
     v1.router.add_post("/drain/wait", api.drain_wait)
+    v1.router.add_post("/rollouts", api.start_rollout)
+    v1.router.add_get("/rollouts", api.get_rollouts)
+    v1.router.add_get("/rollouts/current", api.current_rollout)
+    v1.router.add_post("/rollouts/current/{action:pause|resume|promote|abort}", api.rollout_action)
     v1.router.add_get("/openapi.json", api.get_openapi)
     return v1

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..core.colors import COLORS
+from ..core.rollout import OUTCOMES, RULES, STATES
 from .readmodel import Process
 
 __all__ = ["BgproxyCollector", "error_window_state", "metrics_handler"]
@@ -113,6 +114,36 @@ class BgproxyCollector(Collector):
         info.add_metric([__version__], {})
         yield info
         yield from self._health()
+        yield from self._rollouts()
+
+    def _rollouts(self) -> Iterable[Metric]:
+        """Where the current rollout is, and how rollouts ended (counted since this process started)."""
+        runner = self.app.rollouts
+        current = runner.running
+        yield GaugeMetricFamily(
+            "bgproxy_rollout_step",
+            "Index of the running rollout's step (0 = first); -1 when none runs.",
+            value=current.step if current is not None else -1,
+        )
+        state = GaugeMetricFamily(
+            "bgproxy_rollout_state", "1 for the state the newest rollout is in, else 0.", labels=["state"]
+        )
+        newest = runner.current
+        for name in STATES:
+            state.add_metric([name], 1 if newest is not None and newest.state == name else 0)
+        yield state
+        outcomes = CounterMetricFamily(
+            "bgproxy_rollouts", "Rollouts finished, per outcome.", labels=["outcome"]
+        )
+        for outcome in OUTCOMES:
+            outcomes.add_metric([outcome], runner.outcomes.get(outcome, 0))
+        yield outcomes
+        rollbacks = CounterMetricFamily(
+            "bgproxy_rollbacks", "Automatic rollbacks, per rule that fired.", labels=["rule"]
+        )
+        for rule in RULES:
+            rollbacks.add_metric([rule], runner.rollbacks.get(rule, 0))
+        yield rollbacks
 
     def _health(self) -> Iterable[Metric]:
         """Upstream health as the data plane sees it: available (healthy, not ejected) and ejections."""

@@ -80,6 +80,65 @@ class WeightsRequest(_Model):
         return self
 
 
+Seconds = Annotated[
+    float,
+    PlainValidator(parse_duration, json_schema_input_type=float | str),
+    Field(description='Seconds (30) or a duration ("30s", "500ms", "5m").'),
+]
+
+
+def _zero_or_duration(value: Any) -> float:
+    return 0.0 if value in (0, "0", "0s") else parse_duration(value)
+
+
+class RolloutRequest(_Model):
+    """Body of POST /v1/rollouts: the target, and any of the config's ``rollout:`` settings to override.
+
+    Webhooks and error_statuses come from the config only.
+    """
+
+    to: Color = Field(description="The candidate color, which the rollout moves traffic to.")
+    steps: list[StrictInt] | None = Field(
+        default=None, description="Candidate percentages, increasing, ending at 100."
+    )
+    step_pause: Seconds | None = Field(default=None, description="Minimum time at each step.")
+    min_requests: StrictInt | None = Field(
+        default=None, ge=0, description="Candidate requests needed to leave a step."
+    )
+    bake: Annotated[float, PlainValidator(_zero_or_duration, json_schema_input_type=float | str)] | None = (
+        Field(default=None, description="Watch time at 100% before promoted; 0: none.")
+    )
+    max_error_ratio: float | None = Field(
+        default=None, description="Roll back above this error ratio, e.g. 0.005."
+    )
+    max_error_ratio_increase: float | None = Field(
+        default=None, description="Roll back when worse than stable by more than this (absolute); null: off."
+    )
+    max_p99: Seconds | None = Field(
+        default=None, description="Roll back when the candidate's p99 is over it."
+    )
+    max_p99_ratio: float | None = Field(default=None, description="Roll back when p99 > stable's p99 x this.")
+    confidence: float | None = Field(default=None, description="Of every rule, over the whole rollout; 0.99.")
+    require_proof: bool | None = Field(
+        default=None, description="A step also waits until the error ratio is shown below the threshold."
+    )
+    on_insufficient_traffic: Literal["wait", "promote", "abort"] | None = None
+    progress_deadline: Seconds | None = None
+    reason: Reason | None = None
+    force: bool = Field(default=False, description="Start even if the candidate fails the flip probe.")
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings this request sets, null included (max_p99: null turns the rule off)."""
+        keep = self.model_fields_set - {"to", "reason", "force"}
+        return {name: getattr(self, name) for name in keep}
+
+
+class RolloutActionRequest(_Model):
+    """Body of POST /v1/rollouts/current/{action}; may be omitted."""
+
+    reason: Reason | None = None
+
+
 # ---------------------------------------------------------------------------------------------- responses
 
 
@@ -203,6 +262,90 @@ class EventView(_Model):
 
 class EventsView(_Model):
     events: list[EventView] = Field(description="Oldest first; only the newest 1000 are kept, in memory.")
+
+
+class ColorEvidenceView(_Model):
+    """One color's counts at the current step, with its anytime-valid error ratio bounds."""
+
+    requests: int
+    errors: int
+    error_ratio: float | None
+    error_ratio_low: float = Field(description="Lower bound at the rules' confidence.")
+    error_ratio_high: float = Field(description="Upper bound at the rules' confidence.")
+    p99: float | None = Field(description="Seconds: upper bound of the bucket holding the 99th percentile.")
+
+
+class EvidenceView(_Model):
+    """What a step has shown: the candidate against the threshold and against the stable color."""
+
+    candidate: ColorEvidenceView
+    stable: ColorEvidenceView
+    threshold: float = Field(description="max_error_ratio.")
+    alpha: float = Field(description="False-rollback chance each rule may spend at this step.")
+    proven: bool = Field(description="The candidate's error ratio is shown below the threshold.")
+
+
+class RolloutStepView(_Model):
+    index: int
+    weight: int = Field(description="Candidate percentage at this step.")
+    status: Literal["done", "current", "pending"]
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+    evidence: EvidenceView | None = Field(description="For a done step, the evidence it ended with.")
+
+
+class DecisionView(_Model):
+    at: Timestamp
+    step: int = Field(description="Step index when decided; -1 before the first step.")
+    action: str
+    reason: str
+
+
+class RolloutSpecView(_Model):
+    """The settings this rollout runs with (config defaults with the request's overrides)."""
+
+    steps: list[int]
+    step_pause: float
+    min_requests: int
+    bake: float
+    max_error_ratio: float
+    max_error_ratio_increase: float | None
+    max_p99: float | None
+    max_p99_ratio: float | None
+    confidence: float
+    require_proof: bool
+    on_insufficient_traffic: Literal["wait", "promote", "abort"]
+    progress_deadline: float
+    gates: list[str] = Field(description="Gate kinds with a webhook: the rollout waits for their answer.")
+    gate_interval: float
+
+
+class RolloutView(_Model):
+    """A guarded rollout: where it is, the evidence, and every decision with its reason."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str
+    from_: Color = Field(alias="from", description="The stable color.")
+    to: Color = Field(description="The candidate color.")
+    state: Literal["pending", "running", "waiting", "paused", "baking", "promoted", "rolled_back", "aborted"]
+    step: int = Field(description="Index of the current step; -1 while pending.")
+    weights: WeightsView = Field(description="Percentages the rollout has set.")
+    rule: str | None = Field(description="The rule that rolled it back.")
+    paused_by: str | None
+    gates_left: list[str] = Field(description="Gates still to pass before the next step.")
+    created_at: Timestamp
+    updated_at: Timestamp
+    actor: str
+    reason: str | None
+    evidence: EvidenceView | None = Field(description="The current step's evidence so far.")
+    steps: list[RolloutStepView]
+    decisions: list[DecisionView] = Field(description="Oldest first; the newest 200 are kept.")
+    spec: RolloutSpecView
+
+
+class RolloutsView(_Model):
+    rollouts: list[RolloutView] = Field(description="Newest first; the last 20 are kept.")
 
 
 class ErrorView(_Model):

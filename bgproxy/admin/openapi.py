@@ -21,6 +21,10 @@ from .models import (
     HealthView,
     PoolsHealthView,
     ReadyView,
+    RolloutActionRequest,
+    RolloutRequest,
+    RolloutsView,
+    RolloutView,
     StateView,
     WeightsRequest,
 )
@@ -30,7 +34,9 @@ _ERRORS = {
     400: "Malformed JSON or If-Match header.",
     401: "Tokens are configured and the request has no valid bearer token.",
     408: "The color still had open exchanges when the timeout passed.",
-    409: "Stale If-Match version, a flip without `to` while both colors have weight, or weight for a "
+    404: "No rollout has run yet.",
+    409: "Stale If-Match version, a rollout holding the switch (without force), a flip without `to` "
+    "while both colors have weight, or weight for a "
     "color with no healthy upstream or none answering the flip probe (without force). Nothing changed.",
     415: "The body is not application/json.",
     422: "The body does not validate; one detail line per bad field.",
@@ -41,10 +47,20 @@ _ERRORS = {
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((m, "validation") for m in (FlipRequest, WeightsRequest)),
+        *((m, "validation") for m in (FlipRequest, WeightsRequest, RolloutRequest, RolloutActionRequest)),
         *(
             (m, "serialization")
-            for m in (StateView, EventsView, ErrorView, HealthView, ReadyView, PoolsHealthView, DrainWaitView)
+            for m in (
+                StateView,
+                EventsView,
+                ErrorView,
+                HealthView,
+                ReadyView,
+                PoolsHealthView,
+                DrainWaitView,
+                RolloutView,
+                RolloutsView,
+            )
         ),
     ]
     refs, top = models_json_schema(models, ref_template=_REF)
@@ -56,8 +72,8 @@ def openapi_document() -> dict[str, Any]:
     def ok(model: type[BaseModel]) -> dict[str, Any]:
         return {"description": "OK", "content": content(model)}
 
-    def answers(success: dict[str, Any], *errors: int) -> dict[str, Any]:
-        result = {"200": success}
+    def answers(success: dict[str, Any], *errors: int, code: str = "200") -> dict[str, Any]:
+        result = {code: success}
         for status in (401, *errors):
             result[str(status)] = {"description": _ERRORS[status], "content": content(ErrorView)}
         return result
@@ -145,6 +161,52 @@ def openapi_document() -> dict[str, Any]:
                     ],
                     "responses": answers(ok(DrainWaitView), 408, 422),
                 }
+            },
+            "/v1/rollouts": {
+                "post": {
+                    "operationId": "startRollout",
+                    "summary": "Start a guarded rollout toward a color: steps, rules, gates.",
+                    "description": "409 while a rollout runs, or when the target fails the flip probe "
+                    "(without force). Settings left out take the config's `rollout:` values.",
+                    "requestBody": {"required": True, "content": content(RolloutRequest)},
+                    "responses": answers(
+                        {"description": "Started", "content": content(RolloutView)},
+                        400,
+                        409,
+                        415,
+                        422,
+                        500,
+                        code="201",
+                    ),
+                },
+                "get": {
+                    "operationId": "getRollouts",
+                    "summary": "Recent rollouts, newest first.",
+                    "responses": answers(ok(RolloutsView)),
+                },
+            },
+            "/v1/rollouts/current": {
+                "get": {
+                    "operationId": "getCurrentRollout",
+                    "summary": "The running rollout, or the last one.",
+                    "responses": answers(ok(RolloutView), 404),
+                }
+            },
+            **{
+                f"/v1/rollouts/current/{action}": {
+                    "post": {
+                        "operationId": f"{action}Rollout",
+                        "summary": summary,
+                        "requestBody": {"required": False, "content": content(RolloutActionRequest)},
+                        "responses": answers(ok(RolloutView), 400, 404, 409, 415, 422, 500),
+                    }
+                }
+                for action, summary in (
+                    ("pause", "Hold the rollout at its step; rules keep watching."),
+                    ("resume", "Go on from a pause (overriding a failed gate)."),
+                    ("promote", "Candidate to 100% now, skipping the remaining steps and the bake."),
+                    ("abort", "Back to the stable color now; the candidate drains."),
+                )
             },
             "/v1/openapi.json": {
                 "get": {

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from ..control.controller import Controller
 from ..control.drain import Drainer
+from ..control.rollout import RolloutRunner
 from ..core.switchboard import Switchboard
 from ..dataplane.runtime import Runtime
 from ..dataplane.stats import Stats
@@ -23,6 +24,10 @@ class Process(Protocol):
 
     @property
     def drainer(self) -> Drainer: ...
+
+    @property
+    def rollouts(self) -> RolloutRunner:
+        """Guarded rollouts: the running one, the recent ones; changed only through its methods."""
 
     @property
     def runtime(self) -> Runtime:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
+from collections.abc import Callable
 
-from ..config import Config
+from ..config import Config, RolloutConfig, status_matches
 from ..core.colors import COLORS
 from ..core.health import OutlierPolicy
 from ..core.preview import PreviewPolicy
+from ..core.rollout import GATE_KINDS, Spec
 from ..core.sticky import StickyPolicy
 from ..dataplane.pool import ColorPool, Upstream
 from ..dataplane.settings import Settings
+from .webhooks import Webhook, Webhooks
 
 log = logging.getLogger("bgproxy")
 
@@ -124,3 +128,48 @@ def preview_policy(config: Config) -> PreviewPolicy | None:
         allow_from=tuple(preview.allow_from),
         token=None if preview.token is None else preview.token.encode(),
     )
+
+
+def rollout_spec(config: RolloutConfig, gates: frozenset[str] = frozenset()) -> Spec:
+    """A rollout's settings from the config's ``rollout:`` section (or the API's merge of it)."""
+    intervals = [h.interval for h in config.webhooks if h.type == "confirm_promotion"]
+    return Spec(
+        steps=tuple(config.steps),
+        step_pause=config.step_pause,
+        min_requests=config.min_requests,
+        bake=config.bake,
+        max_error_ratio=config.max_error_ratio,
+        max_error_ratio_increase=config.max_error_ratio_increase,
+        max_p99=config.max_p99,
+        max_p99_ratio=config.max_p99_ratio,
+        confidence=config.confidence,
+        require_proof=config.require_proof,
+        on_insufficient_traffic=config.on_insufficient_traffic,
+        progress_deadline=config.progress_deadline,
+        gates=frozenset(h.type for h in config.webhooks if h.type in GATE_KINDS),
+        gate_interval=min(intervals, default=10.0),
+    )
+
+
+def webhooks(config: RolloutConfig) -> Webhooks:
+    return Webhooks(
+        [
+            Webhook(
+                name=h.name,
+                kind=h.type,
+                url=h.url,
+                timeout=h.timeout,
+                retries=h.retries,
+                on_failure=h.on_failure,
+                secret=h.secret,
+                interval=h.interval,
+            )
+            for h in config.webhooks
+        ]
+    )
+
+
+def error_matcher(config: RolloutConfig) -> Callable[[int], bool]:
+    """Whether a status counts as an error for rollouts (``rollout.error_statuses``), memoized per status."""
+    specs = list(config.error_statuses)
+    return functools.cache(lambda status: status_matches(specs, status))

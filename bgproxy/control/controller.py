@@ -11,8 +11,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..core.colors import Color
+from ..core.errors import SwitchError
 from ..core.preview import PreviewPolicy
 from ..core.sticky import DrainWindow, StickyPolicy
 from ..core.switchboard import Switchboard, SwitchResult
@@ -27,6 +29,11 @@ log = logging.getLogger("bgproxy.control")
 Change = Callable[[Switchboard, float], SwitchResult]
 # Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
 Guard = Callable[[Weights, Weights], Awaitable[None]]
+Records = tuple[dict[str, Any], ...]
+
+
+class RolloutHolds(SwitchError):
+    """A flip or weights change while a rollout holds the switch, without force (answered 409)."""
 
 
 def route_table(
@@ -59,6 +66,7 @@ class Controller:
         guard: Guard | None = None,
         sticky: StickyPolicy | None = None,
         preview: PreviewPolicy | None = None,
+        rollouts: Records = (),
     ) -> None:
         self.switchboard = switchboard
         self.store = store
@@ -69,6 +77,10 @@ class Controller:
         self.preview = preview
         self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
         self._lock = asyncio.Lock()
+        # Rollout records persisted beside the weights (control.rollout owns their meaning), and the
+        # id of the rollout that holds the switch: others' changes need force, which takes it away.
+        self.rollouts = rollouts
+        self.holder: str | None = None
 
     async def flip(
         self,
@@ -103,7 +115,11 @@ class Controller:
         expected_version: int | None = None,
         drain_timeout: float | None = None,
         force: bool = False,
+        owner: str | None = None,
+        rollouts: Records | None = None,
     ) -> SwitchResult:
+        """``owner``: the rollout making the change; ``rollouts``: its records, saved with the weights."""
+
         def change(board: Switchboard, now: float) -> SwitchResult:
             return board.set_weights(
                 weights,
@@ -114,14 +130,35 @@ class Controller:
                 drain_timeout=drain_timeout,
             )
 
-        return await self._run(change, force)
+        return await self._run(change, force, owner, rollouts)
 
-    async def _run(self, change: Change, force: bool) -> SwitchResult:
+    async def probe(self, before: Weights, after: Weights) -> None:
+        """Run the flip guard for a planned change without making it (a rollout's start asks this)."""
+        if self._guard is not None:
+            await self._guard(before, after)
+
+    async def save_rollouts(self, rollouts: Records, holder: str | None) -> None:
+        """Persist rollout records (with the weights as they are) and say which rollout holds the switch."""
+        async with self._lock:
+            board = self.switchboard
+            state = PersistedState(board.weights, board.version, board.updated_at, rollouts)
+            await asyncio.to_thread(self.store.save, state)
+            self.rollouts = rollouts
+            self.holder = holder
+
+    async def _run(
+        self, change: Change, force: bool, owner: str | None = None, rollouts: Records | None = None
+    ) -> SwitchResult:
         """Returns with no await after releasing the lock, so the caller can read the state its change made.
 
         A caller cancelled during the write is like a crash after it: the file may hold the change.
         """
         async with self._lock:
+            if self.holder is not None and owner != self.holder and not force:
+                raise RolloutHolds(
+                    f'rollout {self.holder} is running; nothing changed. Send "force": true to abort it '
+                    "and apply this change, or act on the rollout (/v1/rollouts/current)"
+                )
             board = self.switchboard
             now = time.time()  # wall clock: it is shown as updated_at, and drains are timed on it too
             scratch = Switchboard(
@@ -136,7 +173,8 @@ class Controller:
                 return preview
             if self._guard is not None and not force:
                 await self._guard(preview.event.from_weights, preview.event.to_weights)
-            planned = PersistedState(preview.event.to_weights, preview.event.version, now)
+            records = self.rollouts if rollouts is None else rollouts
+            planned = PersistedState(preview.event.to_weights, preview.event.version, now, records)
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, planned)
             # Same weights and version as the scratch copy, so the live apply cannot be refused.
@@ -157,6 +195,9 @@ class Controller:
                     "reason": event.reason,
                 },
             )
+            self.rollouts = records
+            if owner != self.holder:
+                self.holder = None  # forced past a rollout: it sees this on its next tick and ends
             self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
             return result

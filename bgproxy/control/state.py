@@ -20,8 +20,11 @@ from ..core.jsontext import exact_keys, loads_strict
 from ..core.timefmt import parse_rfc3339, rfc3339
 from ..core.weights import Weights
 
-FORMAT = 1
-_KEYS = ("weights", "version", "updated_at", "format")
+FORMAT = 2  # 2 added "rollouts"; a format 1 file (no rollouts) is still read
+_KEYS = {
+    1: ("weights", "version", "updated_at", "format"),
+    2: ("weights", "version", "updated_at", "rollouts", "format"),
+}
 
 
 class StateFileError(Exception):
@@ -35,11 +38,12 @@ class StateFileError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PersistedState:
-    """What survives a restart: weights and version. Events and drains are deliberately not kept."""
+    """What survives a restart: weights, version and the recent rollouts. Events and drains are not kept."""
 
     weights: Weights
     version: int
     updated_at: float  # Unix time
+    rollouts: tuple[dict[str, Any], ...] = ()  # core.rollout records, oldest first, the last maybe running
 
 
 class StateBackend(Protocol):
@@ -96,6 +100,7 @@ class FileStateBackend:
                 "weights": state.weights.as_dict(),
                 "version": state.version,
                 "updated_at": rfc3339(state.updated_at),
+                "rollouts": list(state.rollouts),
                 "format": FORMAT,
             },
             indent=2,
@@ -125,11 +130,15 @@ class FileStateBackend:
 def _decode(data: Any) -> PersistedState:
     if not isinstance(data, dict):
         raise ValueError(f"top level must be a JSON object, got {type(data).__name__}")
-    if data.get("format") != FORMAT:
+    version_of_file = data.get("format")
+    if isinstance(version_of_file, bool) or version_of_file not in _KEYS:
         raise ValueError(
-            f"format must be {FORMAT} (got {data.get('format')!r}); it may be from another version"
+            f"format must be 1 or {FORMAT} (got {version_of_file!r}); it may be from another version"
         )
-    exact_keys(data, _KEYS, "the state")
+    exact_keys(data, _KEYS[version_of_file], "the state")
+    rollouts = data.get("rollouts", [])
+    if not isinstance(rollouts, list) or not all(isinstance(r, dict) for r in rollouts):
+        raise ValueError("rollouts must be a list of JSON objects")
     weights = Weights.from_mapping(data["weights"])
     version = data["version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
@@ -143,4 +152,4 @@ def _decode(data: Any) -> PersistedState:
         raise ValueError(
             f"updated_at must be an RFC 3339 time like 2024-05-01T12:00:00Z, got {stamp!r}"
         ) from None
-    return PersistedState(weights=weights, version=version, updated_at=updated_at)
+    return PersistedState(weights=weights, version=version, updated_at=updated_at, rollouts=tuple(rollouts))

@@ -29,6 +29,7 @@ class ColorStats:
         "_win_errors",
         "_win_requests",
         "_win_second",
+        "broken",
         "buckets",
         "codes",
         "duration_counts",
@@ -45,6 +46,7 @@ class ColorStats:
     def __init__(self, buckets: Sequence[float], window: int = 60) -> None:
         self.buckets = tuple(buckets)
         self.codes: dict[int, int] = {}
+        self.broken: dict[int, int] = {}  # status -> exchanges an upstream error cut after that status
         self.duration_counts = [0] * (len(self.buckets) + 1)  # last slot: +Inf
         self.duration_sum = 0.0
         self.header_counts = [0] * (len(self.buckets) + 1)
@@ -77,7 +79,13 @@ class ColorStats:
             self._win_requests[slot] = 0
             self._win_errors[slot] = 0
         self._win_requests[slot] += 1
-        if status >= 500 or broken:
+        if broken:
+            self._win_errors[slot] += 1
+            try:
+                self.broken[status] += 1
+            except KeyError:
+                self.broken[status] = 1
+        elif status >= 500:
             self._win_errors[slot] += 1
 
     def upstream_header(self, seconds: float) -> None:
