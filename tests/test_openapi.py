@@ -124,6 +124,31 @@ async def _check_every_answer(
         await c.call(method, path, 415, data=b"x", headers={"Content-Type": "text/plain"})
         await c.call(method, path, 422, {"blue": -1})
 
+    actions = [f"/v1/rollouts/current/{a}" for a in ("pause", "resume", "promote", "abort")]
+    await c.call("GET", "/v1/rollouts/current", 404)
+    for path in actions:
+        await c.call("POST", path, 404)
+    await c.call("POST", "/v1/rollouts", 400, data=b"{", headers=JSON)
+    await c.call("POST", "/v1/rollouts", 415, data=b"x", headers={"Content-Type": "text/plain"})
+    await c.call("POST", "/v1/rollouts", 422, {"to": "green", "steps": [50, 10]})
+    started = await c.call("POST", "/v1/rollouts", 201, {"to": "green", "step_pause": "1h", "reason": "r1"})
+    assert started["state"] == "running" and started["weights"] == {"blue": 95, "green": 5}
+    await c.call("POST", "/v1/rollouts", 409, {"to": "green"})
+    await c.call("GET", "/v1/rollouts", 200)
+    await c.call("GET", "/v1/rollouts/current", 200)
+    for path in actions:
+        await c.call("POST", path, 400, data=b"{", headers=JSON)
+        await c.call("POST", path, 415, data=b"x", headers={"Content-Type": "text/plain"})
+        await c.call("POST", path, 422, {"reason": 5})
+    await c.call("POST", actions[0], 200, {"reason": "look"})
+    await c.call("POST", actions[0], 409)
+    await c.call("POST", actions[1], 200)
+    await c.call("POST", actions[2], 200)
+    for path in actions:
+        await c.call("POST", path, 409)  # promoted: nothing fits any more
+    await c.call("POST", "/v1/rollouts", 201, {"to": "blue", "step_pause": "1h"})
+    await c.call("POST", actions[3], 200)
+
     # Errors outside any documented operation still have the documented error shape.
     error_schema = {"$ref": "#/components/schemas/ErrorView"}
     for method, path, status in [("GET", "/v1/nope", 404), ("PATCH", "/v1/state", 405)]:
@@ -134,11 +159,34 @@ async def _check_every_answer(
             c.validate(error_schema, await r.json())
 
     # The state file becomes unwritable: a directory path that is a file fails even as root.
-    (state_dir / "state.json").unlink()
-    state_dir.rmdir()
-    state_dir.write_text("")
-    await c.call("POST", "/v1/flip", 500, {"to": "green"})
+    def unwritable() -> None:
+        (state_dir / "state.json").unlink()
+        state_dir.rmdir()
+        state_dir.write_text("")
+
+    def writable() -> None:
+        state_dir.unlink()
+        state_dir.mkdir()
+        (state_dir / "state.json").write_text("{}")
+
+    unwritable()
+    await c.call("POST", "/v1/flip", 500, {"to": "blue"})  # green is live since the promotion
     await c.call("PUT", "/v1/weights", 500, {"blue": 1, "green": 1})
+    await c.call("POST", "/v1/rollouts", 500, {"to": "blue"})
+    runner = proxy.app.rollouts
+    assert runner.current is not None and runner.current.state == "aborted"
+    assert proxy.app.controller.holder is None  # the refused start left nothing behind
+    writable()
+    await c.call("POST", "/v1/rollouts", 201, {"to": "blue", "step_pause": "1h"})
+    unwritable()
+    for path in (actions[0], actions[2], actions[3]):
+        await c.call("POST", path, 500)
+        assert runner.current is not None and runner.current.state == "running"  # as it was
+    writable()
+    await c.call("POST", actions[0], 200)
+    unwritable()
+    await c.call("POST", actions[1], 500)
+    assert runner.current is not None and runner.current.state == "paused"
 
     proxy.app.shutting_down = True  # what stop() sets first; /readyz must say so
     await c.call("GET", "/readyz", 503, token=None)

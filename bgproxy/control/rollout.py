@@ -193,8 +193,11 @@ class RolloutRunner:
             except RolloutError as exc:
                 raise SwitchError(str(exc)) from None
             self._controller.holder = r.id
-            self.history.append(r)
-            await self._apply(r, commands, new=True)
+            try:
+                await self._apply(r, commands, new=True)
+            except BaseException:
+                self._controller.holder = None
+                raise
             current = self.current
             assert current is not None
             return current
@@ -216,42 +219,61 @@ class RolloutRunner:
         return tuple(to_record(r) for r in self.history)
 
     async def _apply(self, r: Rollout, commands: list[Command], *, new: bool = False) -> None:
-        """Record ``r`` as current, then run its commands in order. Called with the lock held."""
-        before = self.history[-1]
-        self.history[-1] = r
-        changed = new or r.state != before.state or r.decisions != before.decisions
-        weights_saved = False
+        """Make ``r`` current: persist it (with its weights, if it sets any), then act on it.
+
+        Called with the lock held. If the write fails, the previous rollout state is put back, so a
+        refused call leaves everything as it was; side effects (gates, notices) run only after it.
+        """
+        before = None if new else self.history[-1]
+        if new:
+            self.history.append(r)
+        else:
+            self.history[-1] = r
+        try:
+            saved = False
+            for command in commands:
+                if isinstance(command, SetWeights):
+                    refused, saved = await self._set_weights(r, command)
+                    if refused is not None:
+                        await self._apply(*on_refused(r, refused, time.time()))
+                        return
+            changed = before is None or r.state != before.state or r.decisions != before.decisions
+            if not saved and (changed or r.done):
+                await self._controller.save_rollouts(self._records(), None if r.done else r.id)
+            elif r.done:
+                self._controller.holder = None
+        except BaseException:
+            if before is None:
+                self.history.pop()
+            else:
+                self.history[-1] = before
+            raise
         for command in commands:
-            if isinstance(command, SetWeights):
-                refused = await self._set_weights(r, command)
-                weights_saved = True
-                if refused is not None:
-                    await self._apply(*on_refused(r, refused, time.time()))
-                    return
-            elif isinstance(command, CallGate):
+            if isinstance(command, CallGate):
                 self._spawn_gate(r, command.kind)
             elif isinstance(command, Notify):
                 self._webhooks.notify(command.kind, self._payload(r, command.kind))
             elif isinstance(command, Finish):
-                self.outcomes[command.outcome] = self.outcomes.get(command.outcome, 0) + 1
-                if r.rule is not None:
-                    self.rollbacks[r.rule] = self.rollbacks.get(r.rule, 0) + 1
-                log.warning(
-                    "rollout %s %s: %s",
-                    r.id,
-                    command.outcome,
-                    r.decisions[-1].reason if r.decisions else "",
-                    extra={"rollout": r.id, "outcome": command.outcome, "rule": r.rule},
-                )
-        if (changed and not weights_saved) or r.done:
-            await self._controller.save_rollouts(self._records(), None if r.done else r.id)
+                self._finished(r, command.outcome)
 
-    async def _set_weights(self, r: Rollout, command: SetWeights) -> str | None:
-        """Apply a step's weights; the flip-probe refusal text if the candidate may not take them."""
+    def _finished(self, r: Rollout, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if r.rule is not None:
+            self.rollbacks[r.rule] = self.rollbacks.get(r.rule, 0) + 1
+        log.warning(
+            "rollout %s %s: %s",
+            r.id,
+            outcome,
+            r.decisions[-1].reason if r.decisions else "",
+            extra={"rollout": r.id, "outcome": outcome, "rule": r.rule},
+        )
+
+    async def _set_weights(self, r: Rollout, command: SetWeights) -> tuple[str | None, bool]:
+        """Apply a step's weights: (the flip-probe refusal text, or None; whether the records were saved)."""
         share = {r.candidate: command.candidate, r.stable: 100 - command.candidate}
         weights = self._controller.switchboard.weights
         try:
-            await self._controller.set_weights(
+            result = await self._controller.set_weights(
                 Weights(**share),
                 actor=f"rollout {r.id}",
                 reason=command.reason,
@@ -263,8 +285,10 @@ class RolloutRunner:
         except SwitchError as exc:
             if command.candidate == 0 or self._controller.holder != r.id:
                 raise
-            return str(exc)
-        return None
+            return str(exc), False
+        if r.done:
+            self._controller.holder = None
+        return None, result.changed
 
     def _spawn_gate(self, r: Rollout, kind: str) -> None:
         task = asyncio.get_running_loop().create_task(self._gate(r.id, kind))
