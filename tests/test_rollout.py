@@ -37,8 +37,9 @@ async def api(proxy: Any, method: str, path: str, body: Any = None) -> tuple[int
 class Traffic:
     """Keeps requests flowing through the proxy (4 at a time) until stopped; counts what clients saw."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, path: str = "/echo") -> None:
         self.url = url
+        self.path = path
         self.sent = 0
         self.failed = 0
         self._stop = asyncio.Event()
@@ -47,7 +48,7 @@ class Traffic:
     async def _worker(self, session: aiohttp.ClientSession, limit: int) -> None:
         while not self._stop.is_set() and self.sent < limit:
             self.sent += 1
-            async with session.get(f"{self.url}/echo") as r:
+            async with session.get(f"{self.url}{self.path}") as r:
                 await r.read()
                 if r.status >= 500:
                     self.failed += 1
@@ -118,6 +119,19 @@ async def test_a_healthy_candidate_is_promoted_through_every_step(make_proxy) ->
         assert proxy.app.switchboard.weights == Weights(0, 100)
         weights = [e.to_weights for e in proxy.app.switchboard.events()]
         assert weights == [Weights(90, 10), Weights(50, 50), Weights(0, 100)]
+
+
+async def test_a_slow_candidate_is_rolled_back_on_its_p99(make_proxy) -> None:
+    """Every answer takes 200 ms against max_p99 100 ms: the latency rule fires, not the error rules."""
+    async with origin("blue") as blue, origin("green") as green:
+        proxy = await make_proxy([blue.addr], [green.addr])
+        async with Traffic(proxy.url, "/slow?delay=0.2").running():
+            body = {"to": "green", "steps": [50, 100], **FAST, "max_p99": "100ms"}
+            status, _ = await api(proxy, "POST", "/v1/rollouts", body)
+            assert status == 201
+            done = await until_done(proxy)
+    assert done["state"] == "rolled_back" and done["rule"] == "p99", done["decisions"]
+    assert "slower than 0.1s" in done["decisions"][-1]["reason"]
 
 
 async def test_a_trickle_of_traffic_waits_and_is_never_failed(make_proxy) -> None:

@@ -460,11 +460,17 @@ def _pass_gate(r: Rollout, obs: Observation, now: float) -> Step:
     return _enter_step(r, r.target, obs, now, [])
 
 
-def _enter_step(r: Rollout, index: int, obs: Observation, now: float, commands: list[Command]) -> Step:
-    weight = r.spec.steps[index]
+def _closed_steps(r: Rollout, now: float) -> tuple[StepRecord, ...]:
+    """The step records with the current one ended now, keeping the evidence it ended with."""
     steps = r.steps
     if steps and steps[-1].ended_at is None:
         steps = (*steps[:-1], replace(steps[-1], ended_at=now, evidence=r.evidence))
+    return steps
+
+
+def _enter_step(r: Rollout, index: int, obs: Observation, now: float, commands: list[Command]) -> Step:
+    weight = r.spec.steps[index]
+    steps = _closed_steps(r, now)
     last = index == len(r.spec.steps) - 1
     state: State = "baking" if last else "running"
     r = replace(
@@ -530,14 +536,12 @@ def _back_to_stable(r: Rollout, why: str) -> list[Command]:
 
 
 def _roll_back(r: Rollout, rule: str, why: str, now: float) -> Step:
-    commands = [*_back_to_stable(r, f"rolled back, {rule}"), Notify("rollback")]
+    commands = [*_back_to_stable(r, f"rolled back, rule {rule} fired: {why}"), Notify("rollback")]
     return _finish(replace(r, rule=rule), "rolled_back", f"rule {rule} fired: {why}", now, commands)
 
 
 def _finish(r: Rollout, outcome: State, why: str, now: float, commands: list[Command]) -> Step:
-    steps = r.steps
-    if steps and steps[-1].ended_at is None:
-        steps = (*steps[:-1], replace(steps[-1], ended_at=now, evidence=r.evidence))
+    steps = _closed_steps(r, now)
     r = replace(r, state=outcome, gates_left=(), paused_by=None, resume_to=None, retry_at=None, steps=steps)
     r = _decide(r, now, outcome, why)
     return r, [*commands, Notify("event"), Notify("post_rollout"), Finish(outcome)]

@@ -67,27 +67,22 @@ def bounds(events: int, n: int, alpha: float, b: float) -> tuple[float, float]:
         return 0.0, 1.0
     limit = math.log(1.0 / alpha)
     center = events / n
-    low = 0.0
-    if events and log_evalue(events, n, 0.0, b) >= limit:
-        inside, outside = center, 0.0
-        for _ in range(_ITERATIONS):
-            mid = (inside + outside) / 2
-            if log_evalue(events, n, mid, b) >= limit:
-                outside = mid
-            else:
-                inside = mid
-        low = outside
-    high = 1.0
-    if events < n and log_evalue(events, n, 1.0, b) >= limit:
-        inside, outside = center, 1.0
-        for _ in range(_ITERATIONS):
-            mid = (inside + outside) / 2
-            if log_evalue(events, n, mid, b) >= limit:
-                outside = mid
-            else:
-                inside = mid
-        high = outside
+    low = _edge(events, n, b, limit, center, 0.0) if events else 0.0
+    high = _edge(events, n, b, limit, center, 1.0) if events < n else 1.0
     return low, high
+
+
+def _edge(events: int, n: int, b: float, limit: float, inside: float, outside: float) -> float:
+    """Where the log e-value crosses ``limit`` between a rate inside the bounds and one outside."""
+    if log_evalue(events, n, outside, b) < limit:
+        return outside
+    for _ in range(_ITERATIONS):
+        mid = (inside + outside) / 2
+        if log_evalue(events, n, mid, b) >= limit:
+            outside = mid
+        else:
+            inside = mid
+    return outside
 
 
 def above(events: int, n: int, threshold: float, alpha: float) -> bool:
