@@ -1,8 +1,9 @@
 """The `bgproxy` command: run the proxy, check a config, run the demo, and drive a running proxy.
 
-The operator commands (status, flip, weights, events) are thin clients of the admin API over plain
-urllib: one request each, no event loop. Exit status: 0 done, 1 the server refused (its message is
-printed), 2 usage error or the admin API cannot be reached.
+The operator commands (status, flip, weights, events, rollout) are thin clients of the admin API over
+plain urllib: one request each (``rollout start --wait`` and ``rollout status --watch`` poll), no event
+loop. Exit status: 0 done, 1 the server refused (its message is printed) or a waited-for rollout was not
+promoted, 2 usage error or the admin API cannot be reached.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -25,6 +27,8 @@ from .app import App
 from .config import Config, ConfigError, HostPort, dump_config, load_config
 from .control.state import StateFileError
 from .core.colors import COLORS
+from .core.rollout import TERMINAL
+from .core.timefmt import parse_rfc3339
 from .demo import banner, start_demo_upstreams
 from .logs import setup_logging
 
@@ -34,6 +38,9 @@ EXIT_USAGE = 2
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TOKEN_ENV = "BGPROXY_TOKEN"
 _TIMEOUT = 10.0
+_POLL_INTERVAL = 0.5  # seconds between looks at the rollout under `rollout start --wait`
+_WATCH_INTERVAL = 1.0  # seconds between frames of `rollout status --watch`
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
 
 
 class _Failed(Exception):
@@ -265,6 +272,287 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------- rollout
+
+_CURRENT = "/v1/rollouts/current"
+
+
+def _pct(ratio: float) -> str:
+    """0.005 -> "0.5%"; 0.21428 -> "21.4%"."""
+    return f"{ratio * 100:.3g}%"
+
+
+def _duration(seconds: float) -> str:
+    """0.25 -> "0.25s", 12.345 -> "12.35s", 30 -> "30s", 300 -> "5m00s", 5400 -> "1h30m"."""
+    if seconds < 60:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _bar(done: float, total: float, width: int = 20) -> str:
+    """``[#####...............]``: full only once ``done`` reaches ``total`` (a zero total is full)."""
+    filled = width if total <= 0 else int(width * min(max(done / total, 0.0), 1.0))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _clock(timestamp: str) -> str:
+    """The time of day of an API timestamp: "2024-05-01T12:00:00.250000Z" -> "12:00:00"."""
+    return timestamp[11:19]
+
+
+def _p99(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def _show_decision(decision: dict[str, Any]) -> str:
+    return f"{_clock(decision['at'])} {decision['action']}: {decision['reason']}"
+
+
+def _headline(body: dict[str, Any]) -> str:
+    """``rollout r-...: blue -> green, running, step 1/2 at 50%``, then who paused it or the rule fired."""
+    n, step = len(body["spec"]["steps"]), body["step"]
+    where = f"step {step + 1}/{n}" if step >= 0 else f"before step 1/{n}"
+    line = (
+        f"rollout {body['id']}: {body['from']} -> {body['to']}, {body['state']}, "
+        f"{where} at {body['weights'][body['to']]}%"
+    )
+    if body["paused_by"]:
+        line += f" (paused by {body['paused_by']})"
+    if body["rule"]:
+        line += f" (rule {body['rule']})"
+    return line
+
+
+def _step_progress(body: dict[str, Any], step: dict[str, Any], now: float) -> str:
+    """What a step has done (done), is doing (current, with progress bars) or will do (pending)."""
+    spec = body["spec"]
+    last = step["index"] == len(spec["steps"]) - 1
+    if step["status"] == "pending":
+        return f"bake {_duration(spec['bake'])}" if last and spec["bake"] > 0 else ""
+    started = parse_rfc3339(step["started_at"])
+    if step["status"] == "done":
+        took = _duration(max(parse_rfc3339(step["ended_at"]) - started, 0.0))
+        evidence = step["evidence"]
+        if evidence is None:
+            return took
+        candidate = evidence["candidate"]
+        return f"{candidate['errors']}/{candidate['requests']} errors in {took}"
+    elapsed = max(now - started, 0.0)
+    if last:
+        bake = spec["bake"]
+        if bake <= 0:
+            return "no bake"
+        return f"bake {_bar(elapsed, bake)} {_duration(min(elapsed, bake))}/{_duration(bake)}"
+    evidence = body["evidence"]
+    requests = evidence["candidate"]["requests"] if evidence else 0
+    wanted, pause = spec["min_requests"], spec["step_pause"]
+    return (
+        f"requests {_bar(requests, wanted)} {requests}/{wanted}  "
+        f"pause {_bar(elapsed, pause)} {_duration(min(elapsed, pause))}/{_duration(pause)}"
+    )
+
+
+def _verdict(color: dict[str, Any], threshold: float, proven: bool) -> str:
+    if color["error_ratio_low"] > threshold:
+        return "above"
+    if proven or color["error_ratio_high"] < threshold:
+        return "below"
+    return "not yet known"
+
+
+def _show_evidence(body: dict[str, Any]) -> str:
+    evidence = body["evidence"]
+    if evidence is None:
+        return "no evidence yet"
+    threshold = evidence["threshold"]
+    rows = []
+    for role, color in (("candidate", body["to"]), ("stable", body["from"])):
+        ev = evidence[role]
+        ratio = "-" if ev["error_ratio"] is None else _pct(ev["error_ratio"])
+        proven = evidence["proven"] if role == "candidate" else False
+        rows.append(
+            [
+                color,
+                role,
+                ev["requests"],
+                ev["errors"],
+                ratio,
+                f"{_pct(ev['error_ratio_low'])} .. {_pct(ev['error_ratio_high'])}",
+                _p99(ev["p99"]),
+                _verdict(ev, threshold, proven),
+            ]
+        )
+    header = ["COLOR", "ROLE", "REQUESTS", "ERRORS", "RATIO", "BOUNDS", "P99", f"VS {_pct(threshold)}"]
+    return f"evidence at step {body['step'] + 1}:\n" + _table(header, rows)
+
+
+def _show_rollout(body: dict[str, Any], now: float | None = None) -> str:
+    """A rollout for people: headline, steps with progress, both colors' error ratios, the last decision."""
+    now = time.time() if now is None else now
+    lines = [_headline(body)]
+    started = f"started {body['created_at']} by {body['actor']}"
+    lines.append(started + (f": {body['reason']}" if body["reason"] else ""))
+    if body["gates_left"]:
+        lines.append(f"waiting for gates: {', '.join(body['gates_left'])}")
+    rows = [
+        [s["index"] + 1, f"{s['weight']}%", s["status"], _step_progress(body, s, now)] for s in body["steps"]
+    ]
+    lines.append(_table(["STEP", "WEIGHT", "STATUS", "PROGRESS"], rows))
+    lines.append(_show_evidence(body))
+    if body["decisions"]:
+        lines.append("last decision: " + _show_decision(body["decisions"][-1]))
+    return "\n".join(lines)
+
+
+def _show_action(body: dict[str, Any]) -> str:
+    """After pause, resume, promote or abort: where the rollout is now, and why."""
+    lines = [_headline(body)]
+    if body["decisions"]:
+        lines.append("last decision: " + _show_decision(body["decisions"][-1]))
+    return "\n".join(lines)
+
+
+def _new_decisions(decisions: list[dict[str, Any]], last: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The decisions after ``last`` (the server keeps the newest 200, so count from the end)."""
+    if last is None:
+        return decisions
+    for i in range(len(decisions) - 1, -1, -1):
+        if decisions[i] == last:
+            return decisions[i + 1 :]
+    return [d for d in decisions if d["at"] > last["at"]]
+
+
+def _error_ratio(text: str) -> float:
+    """--max-error-ratio: "0.5%" or "0.005"; between 0 and 1 exclusive."""
+    raw = text.strip()
+    percent = raw.endswith("%")
+    try:
+        value = float(raw.removesuffix("%"))
+    except ValueError:
+        value = float("nan")
+    ratio = value / 100 if percent else value
+    if not 0 < ratio < 1:  # also false for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage like 0.5% or a ratio like 0.005, between 0 and 1 (got {text!r})"
+        )
+    return ratio
+
+
+def _percentages(text: str) -> list[int]:
+    """--steps: "5,25,100"; the server checks that they increase and end at 100."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected candidate percentages like 5,25,100 (got {text!r})"
+        ) from None
+
+
+def _cmd_rollout_start(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"to": args.to}
+    for name, value in (
+        ("steps", args.steps),
+        ("step_pause", args.pause),
+        ("bake", args.bake),
+        ("max_error_ratio", args.max_error_ratio),
+        ("min_requests", args.min_requests),
+        ("reason", args.reason),
+    ):
+        if value is not None:
+            body[name] = value
+    if args.force:
+        body["force"] = True
+    started = _call(args, "POST", "/v1/rollouts", body)
+    if not args.wait:
+        _print(args, started, _show_rollout(started))
+        return EXIT_OK
+    if not args.json:
+        print(_show_rollout(started), flush=True)
+    try:
+        final = _wait_for(args, started)
+    except KeyboardInterrupt:
+        print(
+            f"bgproxy: stopped waiting; rollout {started['id']} goes on (see bgproxy rollout status)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    reason = final["decisions"][-1]["reason"] if final["decisions"] else ""
+    if args.json:
+        print(json.dumps(final, indent=2))
+    elif final["state"] == "promoted":
+        print(f"rollout {final['id']} promoted: {reason}")
+    if final["state"] == "promoted":
+        return EXIT_OK
+    if not args.json:
+        print(f"bgproxy: rollout {final['id']} {final['state']}: {reason}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+def _wait_for(args: argparse.Namespace, started: dict[str, Any]) -> dict[str, Any]:
+    """Poll until the rollout ``started`` is finished, printing each decision as it is made."""
+    body = started
+    last = body["decisions"][-1] if body["decisions"] else None
+    while body["state"] not in TERMINAL:
+        time.sleep(_POLL_INTERVAL)
+        body = _call(args, "GET", _CURRENT)
+        if body["id"] != started["id"]:  # it finished and another started: find it in the history
+            history = _call(args, "GET", "/v1/rollouts")["rollouts"]
+            found = next((r for r in history if r["id"] == started["id"]), None)
+            if found is None:
+                print(f"bgproxy: rollout {started['id']} is no longer known to the server", file=sys.stderr)
+                raise _Failed(EXIT_REFUSED)
+            body = found
+        new = _new_decisions(body["decisions"], last)
+        if body["state"] in TERMINAL:
+            new = new[:-1]  # the final one is printed with the outcome
+        if not args.json:
+            for decision in new:
+                print(_show_decision(decision), flush=True)
+        if body["decisions"]:
+            last = body["decisions"][-1]
+    return body
+
+
+def _cmd_rollout_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        body = _call(args, "GET", _CURRENT)
+        _print(args, body, _show_rollout(body))
+        return EXIT_OK
+    tty = sys.stdout.isatty() and not args.json
+    frames = 0
+    try:
+        while True:
+            body = _call(args, "GET", _CURRENT)
+            if args.json:  # one JSON document per line and frame
+                print(json.dumps(body), flush=True)
+            elif tty:
+                footer = f"\n\nevery {_WATCH_INTERVAL:g}s; Ctrl-C to stop watching"
+                done = body["state"] in TERMINAL
+                sys.stdout.write(_CLEAR + _show_rollout(body) + ("\n" if done else footer))
+                sys.stdout.flush()
+            else:
+                print(("\n" if frames else "") + _show_rollout(body), flush=True)
+            frames += 1
+            if body["state"] in TERMINAL:
+                return EXIT_OK
+            time.sleep(_WATCH_INTERVAL)
+    except KeyboardInterrupt:
+        if tty:
+            print()
+        return EXIT_OK
+
+
+def _cmd_rollout_action(args: argparse.Namespace) -> int:
+    body = {} if args.reason is None else {"reason": args.reason}
+    rollout = _call(args, "POST", f"{_CURRENT}/{args.action}", body)
+    _print(args, rollout, _show_action(rollout))
+    return EXIT_OK
+
+
 def _client_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
@@ -291,6 +579,53 @@ def _change_options() -> argparse.ArgumentParser:
         "--force", action="store_true", help="apply even if a color given weight has no healthy upstream"
     )
     return options
+
+
+def _add_rollout_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    rollout = sub.add_parser("rollout", help="guarded rollouts: start, status, pause, resume, promote, abort")
+    commands = rollout.add_subparsers(dest="rollout_command", required=True)
+    start = commands.add_parser(
+        "start", parents=[client], help="move traffic to a color step by step, rolling back on errors"
+    )
+    start.add_argument("--to", choices=COLORS, required=True, help="the candidate color")
+    start.add_argument(
+        "--steps", type=_percentages, metavar="P,P,...", help="candidate percentages, e.g. 5,25,100"
+    )
+    start.add_argument("--pause", metavar="DURATION", help="minimum time at each step, e.g. 30s")
+    start.add_argument("--bake", metavar="DURATION", help="watch time at 100%% before promoting, e.g. 5m")
+    start.add_argument(
+        "--max-error-ratio",
+        type=_error_ratio,
+        metavar="RATIO",
+        help="roll back above this error ratio: 0.5%% or 0.005",
+    )
+    start.add_argument("--min-requests", type=int, metavar="N", help="candidate requests needed per step")
+    start.add_argument("--reason", metavar="TEXT", help="recorded in the audit log")
+    start.add_argument(
+        "--force", action="store_true", help="start even if the candidate fails the flip probe"
+    )
+    start.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the rollout ends: exit 0 if promoted, 1 if rolled back or aborted",
+    )
+    start.set_defaults(func=_cmd_rollout_start)
+    status = commands.add_parser("status", parents=[client], help="show the current (or last) rollout")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw every second until the rollout ends (Ctrl-C stops)"
+    )
+    status.set_defaults(func=_cmd_rollout_status)
+    for action, helptext in (
+        ("pause", "hold the rollout at its step"),
+        ("resume", "continue a paused rollout"),
+        ("promote", "send all traffic to the candidate now, skipping what is left"),
+        ("abort", "send all traffic back to the stable color"),
+    ):
+        act = commands.add_parser(action, parents=[client], help=helptext)
+        act.add_argument("--reason", metavar="TEXT", help="recorded with the decision")
+        act.set_defaults(func=_cmd_rollout_action, action=action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_cmd_weights, parser=weights)
     events = sub.add_parser("events", parents=[client], help="show the audit log of switches")
     events.set_defaults(func=_cmd_events)
+    _add_rollout_parser(sub, client)
     return parser
 
 

@@ -205,6 +205,8 @@ async def test_promote_by_hand_skips_the_steps(make_proxy) -> None:
         await api(proxy, "POST", "/v1/rollouts", {"to": "green", "step_pause": "1h"})
         status, body = await api(proxy, "POST", "/v1/rollouts/current/promote")
         assert status == 200 and body["state"] == "promoted"
+        assert body["step"] == 3 and body["weights"] == {"blue": 0, "green": 100}
+        assert [s["status"] for s in body["steps"]] == ["done", "pending", "pending", "done"]
         assert proxy.app.switchboard.weights == Weights(0, 100)
         assert [e.to_weights for e in proxy.app.switchboard.events()] == [Weights(95, 5), Weights(0, 100)]
 

@@ -396,6 +396,11 @@ def on_operator(r: Rollout, action: str, obs: Observation, now: float, *, actor:
         to_full: list[Command] = (
             [] if r.weight == 100 else [SetWeights(100, f"rollout {r.id} promoted by {actor}")]
         )
+        last = len(r.spec.steps) - 1
+        if r.step != last:  # the steps skipped are shown as such; the last one is where it ends
+            r = replace(
+                r, step=last, steps=(*_closed_steps(r, now), StepRecord(last, 100, now)), evidence=None
+            )
         return _finish(r, "promoted", f"promoted by {actor}, skipping what was left", now, to_full)
     if action == "abort":
         return _finish(r, "aborted", f"aborted by {actor}", now, _back_to_stable(r, f"aborted by {actor}"))
