@@ -11,14 +11,18 @@ import contextlib
 import ipaddress
 import logging
 import time
-from typing import Any, cast
+from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 
 from .admin.server import build_admin_app
-from .config import Config, ConfigError, HealthCheckConfig
+from .config import Config, ConfigError, HealthCheckConfig, load_config
+from .control import reload
+from .control.audit import AuditLog, audit_event
 from .control.configure import (
     color_pools,
+    config_lists,
     dataplane_settings,
     outlier_policy,
     preview_policy,
@@ -27,6 +31,8 @@ from .control.configure import (
 from .control.controller import Controller, route_table
 from .control.drain import Drainer
 from .control.health import FlipGuard, HealthMonitor, readiness
+from .control.membership import Membership, reconcile
+from .control.reload import ReloadResult
 from .control.rollout import RolloutRunner
 from .control.state import FileStateBackend, PersistedState, StateBackend, StateFileError
 from .core.colors import COLORS
@@ -58,12 +64,14 @@ class _Started:
         drainer: Drainer,
         controller: Controller,
         rollouts: RolloutRunner,
+        membership: Membership,
     ) -> None:
         self.runtime = runtime
         self.health = health
         self.drainer = drainer
         self.controller = controller
         self.rollouts = rollouts
+        self.membership = membership
 
 
 class App:
@@ -72,10 +80,15 @@ class App:
     Once started it is the admin side's read model (admin.readmodel.Process).
     """
 
-    def __init__(self, config: Config, *, reset_state: bool = False) -> None:
-        """``reset_state``: ignore the state file (even a corrupt one) and seed it from the config."""
+    def __init__(self, config: Config, *, reset_state: bool = False, config_path: Path | None = None) -> None:
+        """``reset_state``: ignore the state file (even a corrupt one) and seed it from the config.
+        ``config_path``: the file reload reads again (none: reload is refused)."""
         _check_admin_exposure(config)
         self.config = config
+        self.config_path = config_path
+        self.last_reload: ReloadResult | None = None
+        assert config.events_file is not None, "load_config sets it"
+        self.audit = AuditLog(config.events_file)
         self.switchboard = Switchboard(
             Weights(config.weights.blue, config.weights.green),
             drain_timeout=config.drain_timeout,
@@ -93,6 +106,7 @@ class App:
         self._admin_runner: web.AppRunner | None = None
         self.shutting_down = False
         self._stopped = False
+        self._reload_lock = asyncio.Lock()
 
     # -- the read model (admin.readmodel.Process) -----------------------------------------------------
     @property
@@ -116,6 +130,10 @@ class App:
     def rollouts(self) -> RolloutRunner:
         return self.started.rollouts
 
+    @property
+    def membership(self) -> Membership:
+        return self.started.membership
+
     def readiness(self) -> tuple[bool, str]:
         """Whether to take traffic, and why not (for /readyz)."""
         if self.shutting_down:
@@ -134,16 +152,15 @@ class App:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _restore_state(self) -> tuple[dict[str, Any], ...]:
+    def _restore_state(self) -> PersistedState:
         """The saved state wins over the config, whose weights only seed a missing one.
 
-        Returns the saved rollout records. Raises StateFileError for a corrupt or unwritable file:
-        guessing could route to the wrong color.
+        Raises StateFileError for a corrupt or unwritable file: guessing could route to the wrong color.
         """
         saved = None if self._reset_state else self.state_store.load()
         if saved is not None:
             self.switchboard.restore(saved.weights, saved.version, saved.updated_at)
-            return saved.rollouts
+            return saved
         if self._reset_state:
             log.warning(
                 "state file reset: seeding it from the config's weights",
@@ -151,14 +168,21 @@ class App:
             )
         board = self.switchboard
         # Written now, so an unwritable state file stops the start instead of failing the first flip.
-        self.state_store.save(PersistedState(board.weights, board.version, board.updated_at))
-        return ()
+        state = PersistedState(board.weights, board.version, board.updated_at)
+        self.state_store.save(state)
+        return state
 
     async def start(self) -> None:
-        records = self._restore_state()
+        self.audit.load()
+        self.audit.open()
+        saved = self._restore_state()
         config = self.config
         loop = asyncio.get_running_loop()
-        pools = color_pools(config)
+        try:
+            lists, intent = reconcile(config_lists(config), saved.pools)
+        except ValueError as exc:
+            raise StateFileError(config.state_file, str(exc)) from None
+        pools = color_pools(config, lists)
         checks: dict[str, HealthCheckConfig | None] = {c: config.pools.get(c).health_check for c in COLORS}
         health = HealthMonitor(
             pools,
@@ -168,6 +192,7 @@ class App:
         sticky, preview = sticky_policy(config), preview_policy(config)
         table = route_table(self.switchboard, sticky, preview)
         runtime = Runtime(dataplane_settings(config), pools, self.stats, table, health)
+        guard = FlipGuard(pools, checks, config.flip_probe)
         drainer = Drainer(
             runtime, self.switchboard, full_term=sticky is not None and sticky.on_zero_weight == "drain"
         )
@@ -176,26 +201,32 @@ class App:
             self.state_store,
             runtime,
             drainer,
-            drain_timeout=config.drain_timeout,
-            guard=FlipGuard(pools, checks, config.flip_probe),
+            guard=guard,
             sticky=sticky,
             preview=preview,
-            rollouts=records,
+            rollouts=saved.rollouts,
+            pools=intent,
+            audit=self.audit,
         )
         try:
             rollouts = RolloutRunner(controller, self.stats, config.rollout)
         except ValueError as exc:
             raise StateFileError(self.config.state_file, f"rollouts: {exc}") from None
-        self._started = _Started(runtime, health, drainer, controller, rollouts)
+        membership = Membership(
+            controller,
+            runtime,
+            health,
+            guard,
+            drainer,
+            config_lists=config_lists(config),
+            max_idle={c: config.pools.get(c).max_idle_per_upstream for c in COLORS},
+            drain_timeout=config.drain_timeout,
+        )
+        self._started = _Started(runtime, health, drainer, controller, rollouts, membership)
+        self._reload_parts = reload.Parts(controller, health, guard, membership, rollouts)
         health.start()
         listen = config.listen
-        self._server = await loop.create_server(
-            lambda: cast(asyncio.Protocol, ClientConnection(runtime)),
-            listen.host,
-            listen.port,
-            reuse_address=True,
-            backlog=4096,
-        )
+        self._server = await self._listen(config)
         self._housekeeping = loop.create_task(self._tick())
         await rollouts.start_loop()
         admin = config.admin
@@ -212,6 +243,66 @@ class App:
                 "weights": self.switchboard.weights.as_dict(),
                 "dataplane": dataplane_build(),
             },
+        )
+
+    async def reload(self, *, actor: str) -> ReloadResult:
+        """Read the config file again; apply it whole, or keep the running config and say why.
+
+        One reload at a time; a listen address that changed is bound before the old one is closed.
+        """
+        async with self._reload_lock:
+            result = await self._reload(actor)
+            self.last_reload = result
+            await self.controller.record(
+                audit_event(
+                    "reload",
+                    at=result.at,
+                    actor=actor,
+                    reason=None,
+                    ok=result.ok,
+                    errors=list(result.errors),
+                    changed=list(result.changed),
+                    restart_required=list(result.restart_required),
+                )
+            )
+            return result
+
+    async def _reload(self, actor: str) -> ReloadResult:
+        if self.config_path is None:
+            return ReloadResult(time.time(), False, ("bgproxy was started without a config file",))
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+            _check_admin_exposure(new)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem, extra={"config": str(self.config_path)})
+            return ReloadResult(time.time(), False, tuple(exc.problems))
+        old = self.config
+        if new.listen != old.listen:
+            try:
+                server = await self._listen(new)
+            except OSError as exc:
+                problem = f"listen: cannot bind {new.listen}: {exc.strerror or exc} (got {str(new.listen)!r})"
+                log.error("reload refused: %s", problem)
+                return ReloadResult(time.time(), False, (problem,))
+            assert self._server is not None
+            self._server.close()  # open connections go on; only the old listening socket goes
+            self._server = server
+        result = await reload.apply(old, new, self._reload_parts, actor=actor)
+        restart_only = {name: getattr(old, name) for name in result.restart_required}
+        self.config = new.model_copy(update=restart_only)  # what runs, not what the file says
+        log.info("config reloaded", extra={"changed": list(result.changed), "by": actor})
+        return result
+
+    async def _listen(self, config: Config) -> asyncio.Server:
+        runtime = self.runtime
+        listen = config.listen
+        return await asyncio.get_running_loop().create_server(
+            lambda: cast(asyncio.Protocol, ClientConnection(runtime)),
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            backlog=4096,
         )
 
     async def _tick(self) -> None:
@@ -257,6 +348,7 @@ class App:
                 pool.close_idle()
         if self._server is not None:
             await self._server.wait_closed()
+        self.audit.close()
         log.info("bgproxy stopped")
 
 

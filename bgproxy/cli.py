@@ -19,12 +19,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from .app import App
 from .config import Config, ConfigError, HostPort, dump_config, load_config
+from .control.audit import AuditLogError
 from .control.state import StateFileError
 from .core.colors import COLORS
 from .core.rollout import TERMINAL
@@ -59,8 +61,8 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
-async def _serve(config: Config, *, demo: bool, reset_state: bool) -> None:
-    app = App(config, reset_state=reset_state)
+async def _serve(config: Config, *, demo: bool, reset_state: bool, config_path: str | None = None) -> None:
+    app = App(config, reset_state=reset_state, config_path=Path(config_path) if config_path else None)
     upstreams = None
     try:
         if demo:
@@ -75,6 +77,14 @@ async def _serve(config: Config, *, demo: bool, reset_state: bool) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _second_signal_exits, stop)
+        reloads: set[asyncio.Task[Any]] = set()
+
+        def on_sighup() -> None:
+            task = loop.create_task(app.reload(actor="SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         await app.shutdown()
     finally:
@@ -95,9 +105,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
     try:
-        uvloop.run(_serve(config, demo=args.command == "demo", reset_state=args.reset_state))
+        uvloop.run(
+            _serve(config, demo=args.command == "demo", reset_state=args.reset_state, config_path=args.config)
+        )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except AuditLogError as exc:
+        print(f"{exc}\nfix its permissions or set events_file to a writable path", file=sys.stderr)
         return EXIT_USAGE
     except StateFileError as exc:
         print(

@@ -508,6 +508,8 @@ class Config(_Section):
     shutdown_timeout: Duration = 30.0
     flip_probe: Literal["http", "tcp", "off"] = "http"
     state_file: Path = Path("bgproxy-state.json")
+    events_file: Path | None = None
+    runtime_socket: Path | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
     forwarding: Forwarding = Field(default_factory=Forwarding)
@@ -658,8 +660,8 @@ def _read_yaml(path: str) -> Any:
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment and validate a config file; ConfigError lists every problem.
 
-    A relative ``state_file`` is resolved against the config file's directory, so the proxy finds the
-    same state whatever directory it is started from.
+    A relative ``state_file`` (``events_file``, ``runtime_socket``) is resolved against the config
+    file's directory, so the proxy finds the same state whatever directory it is started from.
     """
     name = os.fspath(path)
     raw = _read_yaml(name)
@@ -675,10 +677,19 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
-    if not config.state_file.is_absolute():
-        state_file = Path(name).resolve().parent / config.state_file
-        config = config.model_copy(update={"state_file": state_file})
-    return config
+    here = Path(name).resolve().parent
+    state_file = config.state_file if config.state_file.is_absolute() else here / config.state_file
+    events_file = config.events_file or state_file.with_name(state_file.stem + ".events.jsonl")
+    runtime_socket = config.runtime_socket
+    if runtime_socket is not None and not runtime_socket.is_absolute():
+        runtime_socket = here / runtime_socket
+    return config.model_copy(
+        update={
+            "state_file": state_file,
+            "events_file": events_file if events_file.is_absolute() else here / events_file,
+            "runtime_socket": runtime_socket,
+        }
+    )
 
 
 def dump_config(cfg: Config) -> str:

@@ -177,6 +177,7 @@ async def test_flip_moves_the_next_request_and_is_audited(admin: Admin, http: ai
         "weights": {"blue": 0, "green": 100},
         "version": 1,
         "updated_at": state["updated_at"],
+        "pools": None,
         "rollouts": [],
         "format": 2,
     }
@@ -326,7 +327,12 @@ async def test_failed_persist_answers_500_and_changes_nothing(
     b, g = origins
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    proxy = await make_proxy(blue=[b.addr], green=[g.addr], state_file=str(state_dir / "state.json"))
+    proxy = await make_proxy(
+        blue=[b.addr],
+        green=[g.addr],
+        state_file=str(state_dir / "state.json"),
+        events_file=str(tmp_path / "events.jsonl"),  # outside the directory about to break
+    )
     admin = Admin(http, proxy)
     before = await admin.state()
     (state_dir / "state.json").unlink()
@@ -473,6 +479,7 @@ async def test_concurrent_changes_get_one_gapless_version_sequence(admin: Admin)
         "weights": final["weights"],
         "version": final["version"],
         "updated_at": final["updated_at"],
+        "pools": None,
         "rollouts": [],
         "format": 2,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,32 @@ class Checker:
         self.seen.add((route, method.lower(), str(expect)))
         return answer
 
+    async def watch(self, path: str, names: list[str]) -> list[tuple[str, Any]]:
+        """Read the first events of the /v1/watch stream; each must match the schema named for it."""
+        documented = self.doc["paths"]["/v1/watch"]["get"]["responses"]["200"]["content"]
+        schemas = documented["text/event-stream"]["x-events"]
+        events = []
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with self.http.get(self.proxy.admin_url + path, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "text/event-stream"
+            name = None
+            async with asyncio.timeout(5):
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        name = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        assert name is not None
+                        data = json.loads(line.removeprefix("data: "))
+                        self.validate(schemas[name], data)
+                        events.append((name, data))
+                        if len(events) == len(names):
+                            break
+        assert [name for name, _ in events] == names
+        self.seen.add(("/v1/watch", "get", "200"))
+        return events
+
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
@@ -84,6 +111,7 @@ async def _check_every_answer(
         green=[green],
         admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}},
         state_file=str(state_dir / "state.json"),
+        events_file=str(state_dir.parent / "events.jsonl"),  # outside the directory about to break
     )
     async with http.get(
         f"{proxy.admin_url}/v1/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}
@@ -107,6 +135,9 @@ async def _check_every_answer(
     assert [u["upstream"] for u in pools["blue"]] == [blue]
     await c.call("POST", "/v1/drain/wait?color=green&timeout=1", 200)
     await c.call("POST", "/v1/drain/wait?color=red", 422)
+    await c.watch("/v1/watch", ["state", "history", "counters"])
+    await c.watch("/v1/watch?counters=0", ["state"])
+    await c.call("GET", "/v1/watch?counters=yes", 422)
     async with aiohttp.ClientSession() as traffic:
         slow = asyncio.ensure_future(traffic.get(proxy.url + "/slow?delay=1"))
         await asyncio.sleep(0.2)
@@ -136,6 +167,8 @@ async def _check_every_answer(
     await c.call("POST", "/v1/rollouts", 409, {"to": "green"})
     await c.call("GET", "/v1/rollouts", 200)
     await c.call("GET", "/v1/rollouts/current", 200)
+    _, rollout = (await c.watch("/v1/watch", ["state", "history", "counters"]))[2]
+    assert rollout["rollout"]["id"] == started["id"]  # a running rollout's evidence, every second
     for path in actions:
         await c.call("POST", path, 400, data=b"{", headers=JSON)
         await c.call("POST", path, 415, data=b"x", headers={"Content-Type": "text/plain"})
@@ -160,8 +193,7 @@ async def _check_every_answer(
 
     # The state file becomes unwritable: a directory path that is a file fails even as root.
     def unwritable() -> None:
-        (state_dir / "state.json").unlink()
-        state_dir.rmdir()
+        shutil.rmtree(state_dir)  # the state file and anything kept beside it
         state_dir.write_text("")
 
     def writable() -> None:

@@ -38,6 +38,7 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
         "weights": {"blue": 90, "green": 10},
         "version": 3,
         "updated_at": "2024-05-01T12:00:00.123456Z",
+        "pools": None,
         "rollouts": [],
         "format": 2,
     }
@@ -76,11 +77,15 @@ def test_failed_save_names_the_file_and_keeps_the_old_state(tmp_path: Path) -> N
         (b"\xff\xfe\x00garbage", "not UTF-8 text: invalid start byte at byte 0"),
         (b"[1, 2]", "top level must be a JSON object, got list"),
         (json.dumps({**GOOD, "format": 3}).encode(), "format must be 1 or 2 (got 3)"),
-        (json.dumps({**GOOD, "format": 2}).encode(), "missing key 'rollouts'"),
+        (json.dumps({**GOOD, "format": 2}).encode(), "missing key 'pools'"),
         (json.dumps({**GOOD, "rollouts": []}).encode(), "unknown key 'rollouts'"),
         (
-            json.dumps({**GOOD, "format": 2, "rollouts": [1]}).encode(),
+            json.dumps({**GOOD, "format": 2, "pools": None, "rollouts": [1]}).encode(),
             "rollouts must be a list of JSON objects",
+        ),
+        (
+            json.dumps({**GOOD, "format": 2, "pools": [], "rollouts": []}).encode(),
+            "pools must be a JSON object",
         ),
         (
             json.dumps({k: v for k, v in GOOD.items() if k != "format"}).encode(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,6 +20,8 @@ from pydantic import BaseModel, ValidationError
 from ..config import RolloutConfig, parse_duration
 from ..control.configure import rollout_spec
 from ..control.controller import RolloutHolds
+from ..control.membership import Change, How, NotMember
+from ..control.reload import ReloadResult
 from ..control.state import StateFileError
 from ..core.colors import COLORS, Color
 from ..core.errors import SwitchError, VersionConflict
@@ -28,6 +30,7 @@ from ..core.rollout import Rollout, RolloutError
 from ..core.switchboard import SwitchResult
 from ..core.timefmt import rfc3339
 from ..core.weights import Weights
+from .changes import MembershipView, ReloadView, RemoveRequest, UpstreamRequest, UpstreamsRequest
 from .metrics import error_window_state
 from .models import (
     DrainWaitView,
@@ -45,6 +48,7 @@ from .models import (
 )
 from .openapi import openapi_document
 from .readmodel import Process
+from .watch import watch_handler
 
 log = logging.getLogger("bgproxy.api")
 
@@ -214,6 +218,17 @@ def rollout_view(r: Rollout) -> dict[str, Any]:
         }
     )
     return view.model_dump(mode="json", by_alias=True)
+
+
+def reload_view(result: ReloadResult) -> dict[str, Any]:
+    view = ReloadView.model_validate({"at": rfc3339(result.at), **result.as_dict()})
+    return view.model_dump(mode="json")
+
+
+def _how(request: web.Request) -> Callable[[str | None, bool], How]:
+    """The caller and its If-Match, waiting for the body's reason and force."""
+    actor, expected = request[ACTOR], _if_match(request)
+    return lambda reason, force: How(actor, reason, expected, force)
 
 
 def _if_match(request: web.Request) -> int | None:
@@ -420,6 +435,72 @@ class _Api:
             raise ApiError(500, "could not save the change", [str(exc)]) from None
         return web.json_response(rollout_view(r))
 
+    # -- pool membership and reload --------------------------------------------------------------------
+
+    def _color(self, request: web.Request) -> Color:
+        color = request.match_info["color"]
+        if color not in COLORS:
+            raise ApiError(404, f"no pool {color!r}", ["pools are blue and green"])
+        return color
+
+    def _membership_view(self, color: Color, change: Change | None = None) -> web.Response:
+        version = change.version if change else self.app.switchboard.version
+        view = MembershipView(
+            color=color,
+            upstreams=self.app.membership.members(color),
+            added=list(change.added) if change else [],
+            removed=list(change.removed) if change else [],
+            version=version,
+        )
+        return web.json_response(view.model_dump(mode="json"), headers={"ETag": f'"{version}"'})
+
+    async def _pool_change(self, color: Color, change: Awaitable[Change]) -> web.Response:
+        try:
+            done = await change
+        except VersionConflict as exc:
+            raise ApiError(409, str(exc), ["nothing was changed; read the pool and retry"]) from None
+        except NotMember as exc:
+            raise ApiError(404, str(exc), ["nothing was changed"]) from None
+        except SwitchError as exc:
+            raise ApiError(409, str(exc)) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid upstream", [str(exc)]) from None
+        except StateFileError as exc:
+            log.error("could not persist a pool change: %s", exc)
+            raise ApiError(500, "could not save the change; nothing was changed", [str(exc)]) from None
+        return self._membership_view(color, done)
+
+    async def get_upstreams(self, request: web.Request) -> web.Response:
+        return self._membership_view(self._color(request))
+
+    async def add_upstream(self, request: web.Request) -> web.Response:
+        color, how = self._color(request), _how(request)
+        body = await _read_body(request, UpstreamRequest, "upstream", optional=False)
+        change = self.app.membership.add(color, body.upstream, how(body.reason, body.force))
+        return await self._pool_change(color, change)
+
+    async def put_upstreams(self, request: web.Request) -> web.Response:
+        color, how = self._color(request), _how(request)
+        body = await _read_body(request, UpstreamsRequest, "upstreams", optional=False)
+        change = self.app.membership.replace(color, body.upstreams, how(body.reason, body.force))
+        return await self._pool_change(color, change)
+
+    async def remove_upstream(self, request: web.Request) -> web.Response:
+        color, how = self._color(request), _how(request)
+        body = await _read_body(request, RemoveRequest, "remove", optional=True)
+        change = self.app.membership.remove(
+            color, request.match_info["upstream"], how(body.reason, body.force)
+        )
+        return await self._pool_change(color, change)
+
+    async def reload(self, request: web.Request) -> web.Response:
+        result = await self.app.reload(actor=request[ACTOR])
+        if not result.ok:
+            raise ApiError(
+                422, "the config was not reloaded; the running one is unchanged", list(result.errors)
+            )
+        return web.json_response(reload_view(result))
+
     async def get_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)
 
@@ -437,5 +518,11 @@ def build_v1_app(app: Process, tokens: Mapping[str, str]) -> web.Application:
     v1.router.add_get("/rollouts", api.get_rollouts)
     v1.router.add_get("/rollouts/current", api.current_rollout)
     v1.router.add_post("/rollouts/current/{action:pause|resume|promote|abort}", api.rollout_action)
+    v1.router.add_get("/watch", watch_handler(app))
+    v1.router.add_get("/pools/{color}/upstreams", api.get_upstreams)
+    v1.router.add_post("/pools/{color}/upstreams", api.add_upstream)
+    v1.router.add_put("/pools/{color}/upstreams", api.put_upstreams)
+    v1.router.add_delete("/pools/{color}/upstreams/{upstream}", api.remove_upstream)
+    v1.router.add_post("/reload", api.reload)
     v1.router.add_get("/openapi.json", api.get_openapi)
     return v1

@@ -391,3 +391,78 @@ def _line(error: ErrorDetails, body: str) -> str:
     if error["type"] == "missing":
         return f"{where}: {message}"
     return f"{where}: {message} (got {_json_text(error['input'])})"
+
+
+# ---------------------------------------------------------------------------------------------- watch
+# The events of GET /v1/watch (text/event-stream), one model per event's JSON ``data``.
+
+
+class WatchDrainView(_Model):
+    """A color draining now: the page shows a countdown to ``deadline``."""
+
+    color: Color
+    started_at: Timestamp
+    deadline: Timestamp = Field(description="When the streams still open are closed.")
+
+
+class WatchStateEvent(_Model):
+    """``event: state``: sent first, then whenever the switch state, a drain, an upstream's health
+    state or the rollout changes (checked every 200 ms)."""
+
+    at: Timestamp = Field(description="Server time when the event was built (for countdowns).")
+    state: StateView = Field(description="The same body as GET /v1/state.")
+    drains: list[WatchDrainView]
+    rollout: RolloutView | None = Field(description="As GET /v1/rollouts/current; null if none has run.")
+
+
+class WatchSeries(_Model):
+    """One color's live answers per interval, oldest first (errors: 5xx or cut by an upstream)."""
+
+    requests: list[int]
+    errors: list[int]
+
+
+class WatchHistoryEvent(_Model):
+    """``event: history``: sent once after the first state, the last 5 minutes for the sparklines."""
+
+    at: Timestamp = Field(description="End of the newest interval.")
+    interval: float = Field(description="Seconds each point covers.")
+    blue: WatchSeries
+    green: WatchSeries
+
+
+class WatchColorCounters(_Model):
+    """One color's live traffic, as counted by the data plane (preview requests excluded)."""
+
+    requests: int = Field(description="Live answers in the last interval (the sparkline's newest point).")
+    errors: int = Field(description="Of those, errors: 5xx or cut by an upstream.")
+    requests_total: int = Field(description="Live answers since the process started.")
+    errors_total: int
+    in_flight: int = Field(description="Requests being proxied now (previews included).")
+    streams: int = Field(description="Open long-lived exchanges.")
+    error_window: ErrorWindowView = Field(description="The same window as /v1/state's error_window.")
+    p50: float | None = Field(description="Seconds, over the error window (histogram estimate); null: none.")
+    p99: float | None
+    upstream_health: list[UpstreamView]
+
+
+class WatchColorsCounters(_Model):
+    blue: WatchColorCounters
+    green: WatchColorCounters
+
+
+class WatchEvidenceView(_Model):
+    """The running rollout's current step evidence, refreshed every interval."""
+
+    id: str
+    evidence: EvidenceView | None
+
+
+class WatchCountersEvent(_Model):
+    """``event: counters``: every second (every ``interval``)."""
+
+    at: Timestamp = Field(description="End of the interval these counts cover.")
+    interval: float = Field(description="Seconds since the previous counters event's counts.")
+    counted: bool = Field(description="False with metrics.enabled: false: the request counts stay 0.")
+    colors: WatchColorsCounters
+    rollout: WatchEvidenceView | None = Field(description="Null unless a rollout is running.")

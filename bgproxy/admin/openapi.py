@@ -26,6 +26,9 @@ from .models import (
     RolloutsView,
     RolloutView,
     StateView,
+    WatchCountersEvent,
+    WatchHistoryEvent,
+    WatchStateEvent,
     WeightsRequest,
 )
 
@@ -42,6 +45,23 @@ _ERRORS = {
     422: "The body does not validate; one detail line per bad field.",
     500: "The change could not be saved to the state file. Nothing changed.",
 }
+
+_WATCH = """\
+`text/event-stream` (server-sent events) for dashboards and `bgproxy status --watch`. Each event is
+`event: NAME` and one `data:` line of JSON:
+
+- `state` (WatchStateEvent): first, then within 200 ms of any change of the weights or version, a
+  drain starting or ending, an upstream's health state, or the rollout's state, step or decisions.
+  It holds the same body as GET /v1/state, the drains with their deadlines, and the current rollout.
+- `history` (WatchHistoryEvent): once, after the first `state`: each color's live requests and
+  errors per second over the last 5 minutes (kept by the server), for sparklines.
+- `counters` (WatchCountersEvent): every second: the requests and errors of that second, totals,
+  in flight, open streams, the error window, p50/p99 over it, upstream health, rollout evidence.
+
+Lines starting with `:` are comments (a keep-alive after 15 s without an event). The stream ends
+when bgproxy shuts down; reconnect and you get a fresh `state`. Browsers: EventSource cannot send
+the Authorization header, so read it with fetch() when tokens are configured (the dashboard does).
+"""
 
 
 def openapi_document() -> dict[str, Any]:
@@ -60,6 +80,9 @@ def openapi_document() -> dict[str, Any]:
                 DrainWaitView,
                 RolloutView,
                 RolloutsView,
+                WatchStateEvent,
+                WatchHistoryEvent,
+                WatchCountersEvent,
             )
         ),
     ]
@@ -207,6 +230,39 @@ def openapi_document() -> dict[str, Any]:
                     ("promote", "Candidate to 100% now, skipping the remaining steps and the bake."),
                     ("abort", "Back to the stable color now; the candidate drains."),
                 )
+            },
+            "/v1/watch": {
+                "get": {
+                    "operationId": "watch",
+                    "summary": "Server-sent events: state changes as they happen, counters every second.",
+                    "description": _WATCH,
+                    "parameters": [
+                        {
+                            "name": "counters",
+                            "in": "query",
+                            "required": False,
+                            "description": "0: only `state` events (and a keep-alive comment when idle).",
+                            "schema": {"enum": ["0", "1"], "default": "1"},
+                        }
+                    ],
+                    "responses": answers(
+                        {
+                            "description": "An endless text/event-stream; each event's `data` is one line "
+                            "of JSON, its schema named by `x-events`.",
+                            "content": {
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "x-events": {
+                                        "state": schema_of[WatchStateEvent],
+                                        "history": schema_of[WatchHistoryEvent],
+                                        "counters": schema_of[WatchCountersEvent],
+                                    },
+                                }
+                            },
+                        },
+                        422,
+                    ),
+                }
             },
             "/v1/openapi.json": {
                 "get": {

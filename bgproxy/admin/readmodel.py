@@ -6,6 +6,8 @@ from typing import Protocol
 
 from ..control.controller import Controller
 from ..control.drain import Drainer
+from ..control.membership import Membership
+from ..control.reload import ReloadResult
 from ..control.rollout import RolloutRunner
 from ..core.switchboard import Switchboard
 from ..dataplane.runtime import Runtime
@@ -35,6 +37,16 @@ class Process(Protocol):
 
     @property
     def stats(self) -> Stats: ...
+
+    @property
+    def membership(self) -> Membership:
+        """Pool membership; changed only through its methods."""
+
+    @property
+    def last_reload(self) -> ReloadResult | None: ...
+
+    async def reload(self, *, actor: str) -> ReloadResult:
+        """Read the config file again and apply it whole, or keep the running one."""
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to take traffic, and why not (for /readyz)."""

@@ -13,6 +13,7 @@ from aiohttp import web
 from .api import build_v1_app
 from .metrics import metrics_handler
 from .readmodel import Process
+from .ui import add_ui_routes
 
 PROCESS_KEY: web.AppKey[Process] = web.AppKey("bgproxy_process")
 
@@ -36,4 +37,5 @@ def build_admin_app(process: Process, tokens: Mapping[str, str]) -> web.Applicat
     admin.router.add_get("/readyz", _readyz)
     admin.router.add_get("/metrics", metrics_handler(process))
     admin.add_subapp("/v1", build_v1_app(process, tokens))
+    add_ui_routes(admin, process)
     return admin

@@ -8,7 +8,7 @@ import os
 import resource
 from collections.abc import Callable
 
-from ..config import Config, RolloutConfig, status_matches
+from ..config import Config, HostPort, RolloutConfig, status_matches
 from ..core.colors import COLORS
 from ..core.health import OutlierPolicy
 from ..core.preview import PreviewPolicy
@@ -75,12 +75,18 @@ def dataplane_settings(config: Config) -> Settings:
     )
 
 
-def color_pools(config: Config) -> dict[str, ColorPool]:
-    """One pool per color with the configured upstreams, all healthy until checked."""
+def config_lists(config: Config) -> dict[str, list[str]]:
+    """Each color's upstreams as the config lists them, host:port."""
+    return {c: [str(hp) for hp in config.pools.get(c).upstreams] for c in COLORS}
+
+
+def color_pools(config: Config, lists: dict[str, list[str]] | None = None) -> dict[str, ColorPool]:
+    """One pool per color with the configured upstreams (or ``lists``), all healthy until checked."""
     pools: dict[str, ColorPool] = {}
     for color in COLORS:
         pc = config.pools.get(color)
-        ups = [Upstream(color, hp.host, hp.port, pc.max_idle_per_upstream) for hp in pc.upstreams]
+        addrs = [HostPort.parse(a) for a in lists[color]] if lists else pc.upstreams
+        ups = [Upstream(color, hp.host, hp.port, pc.max_idle_per_upstream) for hp in addrs]
         pools[color] = ColorPool(color, ups, pc.balance)
     return pools
 

@@ -14,13 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..core.colors import Color
-from ..core.errors import SwitchError
+from ..core.errors import SwitchError, VersionConflict
 from ..core.preview import PreviewPolicy
 from ..core.sticky import DrainWindow, StickyPolicy
 from ..core.switchboard import Switchboard, SwitchResult
 from ..core.weights import Weights
 from ..dataplane.routing import RouteTable
 from ..dataplane.runtime import Runtime
+from .audit import AuditLog, AuditLogError, switch_event
 from .drain import Drainer
 from .state import PersistedState, StateBackend
 
@@ -62,11 +63,12 @@ class Controller:
         runtime: Runtime,
         drainer: Drainer,
         *,
-        drain_timeout: float,
         guard: Guard | None = None,
         sticky: StickyPolicy | None = None,
         preview: PreviewPolicy | None = None,
         rollouts: Records = (),
+        pools: dict[str, Any] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.switchboard = switchboard
         self.store = store
@@ -75,12 +77,14 @@ class Controller:
         self._guard = guard
         self.sticky = sticky
         self.preview = preview
-        self._drain_timeout = drain_timeout  # only to build scratch copies; the live board has its own
         self._lock = asyncio.Lock()
         # Rollout records persisted beside the weights (control.rollout owns their meaning), and the
         # id of the rollout that holds the switch: others' changes need force, which takes it away.
         self.rollouts = rollouts
         self.holder: str | None = None
+        # Membership changed at run time, persisted beside the weights (control.membership).
+        self.pools = pools
+        self.audit = audit
 
     async def flip(
         self,
@@ -141,15 +145,54 @@ class Controller:
         """Persist rollout records (with the weights as they are) and say which rollout holds the switch."""
         async with self._lock:
             board = self.switchboard
-            state = PersistedState(board.weights, board.version, board.updated_at, rollouts)
+            state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
             await asyncio.to_thread(self.store.save, state)
             self.rollouts = rollouts
             self.holder = holder
 
+    async def commit_pools(
+        self,
+        pools: dict[str, Any] | None,
+        apply: Callable[[], None],
+        *,
+        expected_version: int | None = None,
+        check: Callable[[], None] | None = None,
+        event: dict[str, Any] | None = None,
+    ) -> int:
+        """A membership change: checked, persisted with one more version, then applied; returns the version.
+
+        ``check`` runs under the lock and raises to refuse; ``apply`` must not fail (it swaps lists).
+        """
+        async with self._lock:
+            board = self.switchboard
+            if expected_version is not None and expected_version != board.version:
+                raise VersionConflict(expected_version, board.version)
+            if check is not None:
+                check()
+            now = time.time()
+            planned = PersistedState(board.weights, board.version + 1, now, self.rollouts, pools)
+            await asyncio.to_thread(self.store.save, planned)
+            version = board.touch(now)
+            self.pools = pools
+            apply()
+            if event is not None:
+                await self.record({**event, "version": version})
+            return version
+
+    async def record(self, event: dict[str, Any]) -> None:
+        """Append to the audit log, durably; the change already happened, so a failed write is logged."""
+        if self.audit is None:
+            return
+        try:
+            await asyncio.to_thread(self.audit.append, event)
+        except AuditLogError as exc:
+            log.error("could not write the audit log: %s", exc)
+
     async def _run(
         self, change: Change, force: bool, owner: str | None = None, rollouts: Records | None = None
     ) -> SwitchResult:
-        """Returns with no await after releasing the lock, so the caller can read the state its change made.
+        """Persist, apply, record in the audit log; returns with no await after releasing the lock, so
+        the caller can read the state its change made.
 
         A caller cancelled during the write is like a crash after it: the file may hold the change.
         """
@@ -163,7 +206,7 @@ class Controller:
             now = time.time()  # wall clock: it is shown as updated_at, and drains are timed on it too
             scratch = Switchboard(
                 board.weights,
-                drain_timeout=self._drain_timeout,
+                drain_timeout=board.drain_timeout,
                 version=board.version,
                 updated_at=board.updated_at,
                 max_events=0,
@@ -174,7 +217,9 @@ class Controller:
             if self._guard is not None and not force:
                 await self._guard(preview.event.from_weights, preview.event.to_weights)
             records = self.rollouts if rollouts is None else rollouts
-            planned = PersistedState(preview.event.to_weights, preview.event.version, now, records)
+            planned = PersistedState(
+                preview.event.to_weights, preview.event.version, now, records, self.pools
+            )
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, planned)
             # Same weights and version as the scratch copy, so the live apply cannot be refused.
@@ -200,4 +245,5 @@ class Controller:
                 self.holder = None  # forced past a rollout: it sees this on its next tick and ends
             self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
+            await self.record(switch_event(event))
             return result

@@ -16,12 +16,14 @@ import time
 from ..core.colors import COLORS, Color
 from ..core.drain import Drain
 from ..core.switchboard import Switchboard, SwitchResult
+from ..dataplane.pool import Upstream
 from ..dataplane.runtime import Runtime
 
 log = logging.getLogger("bgproxy.drain")
 
 # After a close frame, how long the peers get to answer it before the TCP connections go.
 CLOSE_GRACE = 1.0
+UPSTREAM_POLL = 0.1  # seconds between looks at a removed upstream's exchanges
 
 
 class Drainer:
@@ -34,6 +36,7 @@ class Drainer:
         self._board = switchboard
         self._full_term = full_term
         self._tasks: dict[Color, asyncio.Task[None]] = {}
+        self._upstream_drains: set[asyncio.Task[None]] = set()
 
     def on_switch(self, result: SwitchResult) -> None:
         """After an applied change: cancel the drains it ended, start the ones it began."""
@@ -79,6 +82,25 @@ class Drainer:
         self._stop(color)
         self._board.finish_drain(color)
         log.info("drain finished", extra={"color": color})
+
+    def drain_upstream(self, up: Upstream, timeout: float) -> None:
+        """A removed upstream: its exchanges finish, or are closed like a drain's at the deadline."""
+        task = self._runtime.loop.create_task(self._drain_upstream(up, self._runtime.loop.time() + timeout))
+        self._upstream_drains.add(task)
+        task.add_done_callback(self._upstream_drains.discard)
+
+    async def _drain_upstream(self, up: Upstream, deadline: float) -> None:
+        # Polled: an upstream's exchanges are few, and the data plane keeps no per-upstream waiters.
+        active = self._runtime.active[up.color]
+        while self._runtime.loop.time() < deadline:
+            if not any(ex.upstream is up for ex in active):
+                log.info("removed upstream drained", extra={"color": up.color, "upstream": up.addr})
+                return
+            await asyncio.sleep(UPSTREAM_POLL)
+        left = [ex for ex in active if ex.upstream is up]
+        log.info("removed upstream: drain deadline", extra={"upstream": up.addr, "closing": len(left)})
+        for ex in left:
+            ex.close_at_deadline(CLOSE_GRACE)
 
     async def wait_idle(self, color: str, within: float) -> bool:
         """True once `color` has no open exchange, False if `within` seconds pass first."""

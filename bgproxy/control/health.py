@@ -73,26 +73,50 @@ class HealthMonitor:
         policies: dict[str, OutlierPolicy],
     ) -> None:
         self._pools = pools
-        self._checks = checks
-        self._policies = policies
-        self._tasks: list[asyncio.Task[None]] = []
+        self.checks = checks
+        self.policies = policies
+        self._tasks: dict[Upstream, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for color, pool in self._pools.items():
-            check = self._checks[color]
-            if check is None:
-                continue
+        for pool in self._pools.values():
             for up in pool.upstreams:
-                self._tasks.append(loop.create_task(self._probe_loop(up, check)))
+                self.watch(up)
+
+    def watch(self, up: Upstream) -> None:
+        """Probe ``up`` from now on, if its color has active checks."""
+        check = self.checks[up.color]
+        if check is not None and up not in self._tasks:
+            self._tasks[up] = asyncio.get_running_loop().create_task(self._probe_loop(up, check))
+
+    def unwatch(self, up: Upstream) -> None:
+        task = self._tasks.pop(up, None)
+        if task is not None:
+            task.cancel()
+
+    def reconfigure(
+        self, checks: dict[str, HealthCheckConfig | None], policies: dict[str, OutlierPolicy]
+    ) -> None:
+        """New checks and outlier policies (a reload); probes restart only where the check changed."""
+        changed = [c for c in COLORS if checks[c] != self.checks[c]]
+        self.checks, self.policies = checks, policies
+        for up in [u for u in self._tasks if u.color in changed]:
+            self.unwatch(up)
+        for color in changed:
+            pool = self._pools[color]
+            for up in pool.upstreams:
+                if checks[color] is None and not up.healthy:
+                    up.healthy = True  # no checks any more: nothing can say it is unhealthy
+                    up.refresh()
+                self.watch(up)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
 
     async def _probe_loop(self, up: Upstream, check: HealthCheckConfig) -> None:
         # Spread the probes over the interval so a big pool is not checked all at once.
@@ -126,7 +150,7 @@ class HealthMonitor:
         pool = self._pools[up.color].upstreams
         pool_ejected = sum(1 for u in pool if u.ejected_until)
         verdict = after_failure(
-            self._policies[up.color],
+            self.policies[up.color],
             failures=up.failures,
             ejected=bool(up.ejected_until),
             ejections=up.ejections,
@@ -198,14 +222,34 @@ class FlipGuard:
                 if self._mode != "off":
                     await self._probe(color)
 
-    async def _probe(self, color: str) -> None:
-        ups = self._pools[color].upstreams
+    def reconfigure(self, checks: dict[str, HealthCheckConfig | None], mode: str) -> None:
+        """A reload's checks and flip_probe mode."""
+        self._checks, self._mode = checks, mode
+
+    async def _failures(self, color: str, ups: list[Upstream]) -> list[str] | None:
+        """Probe ``ups`` concurrently: None if any answered, else each one's failure."""
         check = self._checks[color] if self._mode == "http" else None
         results = await asyncio.gather(*(probe(up, check) for up in ups))
         if any(ok for ok, _ in results):
+            return None
+        return [f"{up.addr}: {why}" for up, (_, why) in zip(ups, results, strict=True)]
+
+    async def _probe(self, color: str) -> None:
+        failed = await self._failures(color, self._pools[color].upstreams)
+        if failed is not None:
+            raise SwitchError(
+                f"{color}: no upstream answered the flip probe ({'; '.join(failed) or 'none configured'}); "
+                'nothing changed. Send "force": true to apply anyway.'
+            )
+
+    async def admit(self, color: str, ups: list[Upstream]) -> None:
+        """Upstreams about to join a pool: each must answer the probe (unless flip_probe: off)."""
+        if self._mode == "off":
             return
-        failed = "; ".join(f"{up.addr}: {why}" for up, (_, why) in zip(ups, results, strict=True))
-        raise SwitchError(
-            f"{color}: no upstream answered the flip probe ({failed or 'none configured'}); nothing changed. "
-            'Send "force": true to apply anyway.'
-        )
+        results = await asyncio.gather(*(self._failures(color, [up]) for up in ups))
+        failed = [line for lines in results if lines for line in lines]
+        if failed:
+            raise SwitchError(
+                f"{color}: an upstream to add did not answer the probe ({'; '.join(failed)}); "
+                'nothing changed. Send "force": true to add it anyway.'
+            )

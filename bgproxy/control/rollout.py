@@ -46,6 +46,7 @@ from ..core.weights import Weights
 from ..dataplane.stats import ColorStats, Stats
 from .configure import error_matcher, webhooks
 from .controller import Controller
+from .webhooks import Webhooks
 
 log = logging.getLogger("bgproxy.rollout")
 
@@ -85,6 +86,7 @@ class RolloutRunner:
         self.config = config
         self._is_error = error_matcher(config)
         self._webhooks = webhooks(config)
+        self._retired: list[Webhooks] = []
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._gates: set[asyncio.Task[None]] = set()
@@ -128,7 +130,17 @@ class RolloutRunner:
                 await self._apply(r, commands)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    def reconfigure(self, config: RolloutConfig) -> None:
+        """A reload's defaults, error statuses and webhooks: for rollouts started from now on and for
+        the gates and notices of the running one; calls already on their way finish on the old hooks."""
+        self.config = config
+        self._is_error = error_matcher(config)
+        self._retired.append(self._webhooks)
+        self._webhooks = webhooks(config)
+
     async def stop(self) -> None:
+        for retired in self._retired:
+            await retired.close()
         tasks = [t for t in (self._task, *self._gates) if t is not None]
         for task in tasks:
             task.cancel()

@@ -20,10 +20,10 @@ from ..core.jsontext import exact_keys, loads_strict
 from ..core.timefmt import parse_rfc3339, rfc3339
 from ..core.weights import Weights
 
-FORMAT = 2  # 2 added "rollouts"; a format 1 file (no rollouts) is still read
+FORMAT = 2  # 2 added "pools" and "rollouts"; a format 1 file (neither) is still read
 _KEYS = {
     1: ("weights", "version", "updated_at", "format"),
-    2: ("weights", "version", "updated_at", "rollouts", "format"),
+    2: ("weights", "version", "updated_at", "pools", "rollouts", "format"),
 }
 
 
@@ -44,6 +44,9 @@ class PersistedState:
     version: int
     updated_at: float  # Unix time
     rollouts: tuple[dict[str, Any], ...] = ()  # core.rollout records, oldest first, the last maybe running
+    # Pool membership changed at run time (API, or a reload whose file changed it): color -> upstreams
+    # as host:port, plus the config's list it was changed from ("most recent intent wins" on reload).
+    pools: dict[str, Any] | None = None
 
 
 class StateBackend(Protocol):
@@ -100,6 +103,7 @@ class FileStateBackend:
                 "weights": state.weights.as_dict(),
                 "version": state.version,
                 "updated_at": rfc3339(state.updated_at),
+                "pools": state.pools,
                 "rollouts": list(state.rollouts),
                 "format": FORMAT,
             },
@@ -152,4 +156,9 @@ def _decode(data: Any) -> PersistedState:
         raise ValueError(
             f"updated_at must be an RFC 3339 time like 2024-05-01T12:00:00Z, got {stamp!r}"
         ) from None
-    return PersistedState(weights=weights, version=version, updated_at=updated_at, rollouts=tuple(rollouts))
+    pools = data.get("pools")
+    if pools is not None and not isinstance(pools, dict):
+        raise ValueError("pools must be a JSON object or null")
+    return PersistedState(
+        weights=weights, version=version, updated_at=updated_at, rollouts=tuple(rollouts), pools=pools
+    )

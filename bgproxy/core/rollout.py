@@ -357,7 +357,15 @@ def on_gate(
     """A gate answered. A late answer for a gate no longer awaited changes nothing."""
     if r.done or not r.gates_left or r.gates_left[0] != kind:
         return r, []
+    paused_by_gate = r.paused_by is not None and r.paused_by.startswith(f"gate {kind}:")
+    if r.state == "paused" and not paused_by_gate:
+        # An operator paused while the gate was asked: the answer waits; resume asks again.
+        return _decide(
+            r, now, "gate", f"gate {kind} answered during a pause; it is asked again on resume"
+        ), []
     if ok:
+        if paused_by_gate:  # a retried confirm_promotion went through: the gate's pause ends
+            r = replace(r, state=r.resume_to or "running", paused_by=None, resume_to=None, retry_at=None)
         r = _decide(r, now, "gate", f"gate {kind} passed: {detail}")
         return _pass_gate(r, obs, now)
     if kind == "confirm_promotion":
@@ -391,7 +399,8 @@ def on_operator(r: Rollout, action: str, obs: Observation, now: float, *, actor:
             r = _decide(r, now, "resume", f"resumed by {actor}, overriding gate {r.gates_left[0]}")
             r, after = _pass_gate(r, obs, now)
             return r, [Notify("event"), *after]
-        return _decide(r, now, "resume", f"resumed by {actor}"), [Notify("event")]
+        again: list[Command] = [CallGate(r.gates_left[0])] if r.gates_left else []
+        return _decide(r, now, "resume", f"resumed by {actor}"), [Notify("event"), *again]
     if action == "promote":
         to_full: list[Command] = (
             [] if r.weight == 100 else [SetWeights(100, f"rollout {r.id} promoted by {actor}")]
@@ -425,7 +434,15 @@ def resumed(r: Rollout, obs: Observation, now: float) -> Step:
     """After a restart: same step and state, evidence and pause start again; a pending gate is asked again."""
     if r.done:
         return r, []
-    r = replace(r, step_started=now, baseline=obs, evidence=None, waited_out=False, retry_at=None)
+    gate_pause = r.paused_by is not None and r.paused_by.startswith("gate confirm_promotion:")
+    r = replace(
+        r,
+        step_started=now,
+        baseline=obs,
+        evidence=None,
+        waited_out=False,
+        retry_at=now if gate_pause else None,  # an unconfirmed promotion is asked again at once
+    )
     r = _decide(
         r, now, "restart", "bgproxy restarted: resuming at the same step, with fresh evidence and pause"
     )
@@ -709,6 +726,14 @@ def from_record(data: dict[str, Any]) -> Rollout:
         step = int(data["step"])
         if not -1 <= step < len(spec.steps):
             raise ValueError(f"step must be -1..{len(spec.steps) - 1}, got {step}")
+        target = int(data["target"])
+        if not 0 <= target < len(spec.steps):
+            raise ValueError(f"target must be 0..{len(spec.steps) - 1}, got {target}")
+        gates = data["gates_left"]
+        if not isinstance(gates, list) or any(g not in GATE_KINDS for g in gates):
+            raise ValueError(f"gates_left must be a list of {', '.join(GATE_KINDS)}, got {gates!r}")
+        if data["from"] == data["to"]:
+            raise ValueError(f"from and to must differ, got {data['to']!r} for both")
         return Rollout(
             id=str(data["id"]),
             stable=check_color(data["from"]),
@@ -721,8 +746,8 @@ def from_record(data: dict[str, Any]) -> Rollout:
             reason=data["reason"],
             step=step,
             step_started=float(data["step_started"]),
-            gates_left=tuple(str(g) for g in data["gates_left"]),
-            target=int(data["target"]),
+            gates_left=tuple(gates),
+            target=target,
             resume_to=resume_to,
             paused_by=data["paused_by"],
             rule=data["rule"],

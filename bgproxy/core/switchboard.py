@@ -86,6 +86,15 @@ class Switchboard:
         return self._weights
 
     @property
+    def drain_timeout(self) -> float:
+        """The default drain deadline for changes that do not name one."""
+        return self._drain_timeout
+
+    @drain_timeout.setter
+    def drain_timeout(self, seconds: float) -> None:
+        self._drain_timeout = _check_seconds("drain_timeout", seconds, positive=True)
+
+    @property
     def version(self) -> int:
         return self._version
 
@@ -133,6 +142,14 @@ class Switchboard:
         total = current.total
         new = Weights(blue=total, green=0) if target == "blue" else Weights(blue=0, green=total)
         return self._apply(new, now=now, actor=actor, reason=reason, drain_timeout=drain_timeout)
+
+    def touch(self, now: float, expected_version: int | None = None) -> int:
+        """A change beside the weights (pool membership): one more version, so If-Match covers it too."""
+        self._check_version(expected_version)
+        at = _check_seconds("now", now, positive=False)
+        self._version += 1
+        self._updated_at = at
+        return self._version
 
     def events(self) -> list[SwitchEvent]:
         """Applied changes, oldest first; only the newest ``max_events`` are kept."""

@@ -88,6 +88,12 @@ class Upstream:
         while self.idle:
             self.idle.pop().close()
 
+    def retire(self) -> None:
+        """Removed from its pool: no new request picks it, and no connection returns to idle."""
+        self.max_idle = 0
+        self.available = False
+        self.close_idle()
+
     def forget(self, conn: UpstreamConnection) -> None:
         """Drop a pooled connection the upstream closed."""
         with contextlib.suppress(ValueError):
@@ -125,6 +131,11 @@ class ColorPool:
             if up.available and up is not exclude:
                 return up
         return None
+
+    def replace(self, upstreams: list[Upstream]) -> None:
+        """New membership, swapped whole: a request picks from the old list or the new, never a mix."""
+        self.upstreams = upstreams
+        self._next = 0
 
     @property
     def serving(self) -> bool:
