@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
@@ -107,6 +109,9 @@ class App:
         self.shutting_down = False
         self._stopped = False
         self._reload_lock = asyncio.Lock()
+        self.listeners: dict[str, socket.socket] = {}  # what a takeover hands over
+        self._admin_site: web.SockSite | None = None
+        self.handed_over = False  # a new bgproxy accepts on our listeners now
 
     # -- the read model (admin.readmodel.Process) -----------------------------------------------------
     @property
@@ -172,7 +177,9 @@ class App:
         self.state_store.save(state)
         return state
 
-    async def start(self) -> None:
+    async def start(self, inherited: Mapping[str, socket.socket] | None = None) -> None:
+        """``inherited``: listening sockets from a takeover or systemd ("proxy", "admin"), used instead
+        of binding; they win over the config's addresses (another bind would strand their backlog)."""
         self.audit.load()
         self.audit.open()
         saved = self._restore_state()
@@ -226,7 +233,8 @@ class App:
         self._reload_parts = reload.Parts(controller, health, guard, membership, rollouts)
         health.start()
         listen = config.listen
-        self._server = await self._listen(config)
+        inherited = dict(inherited or {})
+        self._server = await self._listen(config, inherited.pop("proxy", None))
         self._housekeeping = loop.create_task(self._tick())
         await rollouts.start_loop()
         admin = config.admin
@@ -234,8 +242,10 @@ class App:
             build_admin_app(self, admin.tokens), access_log=None, handle_signals=False
         )
         await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, admin.listen.host, admin.listen.port, reuse_address=True)
-        await site.start()
+        admin_sock = inherited.pop("admin", None) or _bind(admin.listen.host, admin.listen.port)
+        self.listeners["admin"] = admin_sock
+        self._admin_site = web.SockSite(self._admin_runner, admin_sock)
+        await self._admin_site.start()
         log.info(
             "bgproxy listening",
             extra={
@@ -294,16 +304,21 @@ class App:
         log.info("config reloaded", extra={"changed": list(result.changed), "by": actor})
         return result
 
-    async def _listen(self, config: Config) -> asyncio.Server:
+    async def _listen(self, config: Config, sock: socket.socket | None = None) -> asyncio.Server:
+        """Accept client connections on ``sock`` (inherited) or on a new socket bound to ``listen``."""
         runtime = self.runtime
-        listen = config.listen
-        return await asyncio.get_running_loop().create_server(
-            lambda: cast(asyncio.Protocol, ClientConnection(runtime)),
-            listen.host,
-            listen.port,
-            reuse_address=True,
-            backlog=4096,
+        if sock is None:
+            sock = _bind(config.listen.host, config.listen.port)
+        elif sock.getsockname()[:2] != (config.listen.host, config.listen.port):
+            log.warning(
+                "serving on the inherited listening socket, not the config's listen address",
+                extra={"inherited": str(sock.getsockname()[:2]), "listen": str(config.listen)},
+            )
+        server = await asyncio.get_running_loop().create_server(
+            lambda: cast(asyncio.Protocol, ClientConnection(runtime)), sock=sock, backlog=BACKLOG
         )
+        self.listeners["proxy"] = sock
+        return server
 
     async def _tick(self) -> None:
         """Once a second: expire idle upstream connections."""
@@ -318,6 +333,11 @@ class App:
         """
         self.shutting_down = True
         log.info("shutting down", extra={"within": self.config.shutdown_timeout})
+        if self._started is not None:
+            self.controller.frozen = self.controller.frozen or "bgproxy is shutting down"
+        if self.handed_over and self._admin_site is not None:
+            # The new process answers the admin API on the same socket: leave it all of it.
+            await self._admin_site.stop()
         if self._server is not None:
             self._server.close()
         if self._started is not None:
@@ -350,6 +370,17 @@ class App:
             await self._server.wait_closed()
         self.audit.close()
         log.info("bgproxy stopped")
+
+
+BACKLOG = 4096
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; a raw one, so a takeover can pass it to the next bgproxy."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
 def _check_admin_exposure(config: Config) -> None:

@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,14 @@ from .app import App
 from .config import Config, ConfigError, HostPort, dump_config, load_config
 from .control.audit import AuditLogError
 from .control.state import StateFileError
+from .control.takeover import (
+    Ready,
+    SocketActivationError,
+    TakeoverError,
+    TakeoverServer,
+    receive_sockets,
+    systemd_sockets,
+)
 from .core.colors import COLORS
 from .core.rollout import TERMINAL
 from .core.timefmt import parse_rfc3339
@@ -61,15 +71,42 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_USAGE) from None
 
 
-async def _serve(config: Config, *, demo: bool, reset_state: bool, config_path: str | None = None) -> None:
+async def _serve(
+    config: Config,
+    *,
+    demo: bool,
+    reset_state: bool,
+    config_path: str | None = None,
+    inherited: dict[str, socket.socket] | None = None,
+    ready: Ready | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, or until a new bgproxy took the listeners over (then drain the same way).
+
+    ``inherited``/``ready``: the listening sockets of a takeover (or systemd) and how to tell the old
+    process this one accepts on them.
+    """
     app = App(config, reset_state=reset_state, config_path=Path(config_path) if config_path else None)
+    takeover: TakeoverServer | None = None
     upstreams = None
     try:
         if demo:
             upstreams = await start_demo_upstreams(
                 {c: [(u.host, u.port) for u in config.pools.get(c).upstreams] for c in COLORS}
             )
-        await app.start()
+        try:
+            await app.start(inherited)
+        except BaseException as exc:
+            if ready is not None:
+                ready.abort(f"the new bgproxy failed to start: {exc}")
+            raise
+        if ready is not None:
+            try:
+                await asyncio.to_thread(ready)
+                logging.getLogger("bgproxy").info(
+                    "took over the listeners", extra={"from_pid": ready.old_pid}
+                )
+            except TakeoverError as exc:  # both accept on the same sockets: nothing is lost, say so
+                logging.getLogger("bgproxy").error("takeover not confirmed: %s", exc)
         if demo:
             admin = config.admin.listen
             print(banner(f"http://{config.listen.host}:{app.proxy_port}", f"http://{admin}"), flush=True)
@@ -85,12 +122,40 @@ async def _serve(config: Config, *, demo: bool, reset_state: bool, config_path: 
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        if config.runtime_socket is not None:
+            takeover = _takeover_server(app, config.runtime_socket, stop)
+            try:
+                await takeover.start()
+            except TakeoverError as exc:
+                logging.getLogger("bgproxy").error("no runtime socket: %s", exc)
+                takeover = None
         await stop.wait()
+        if takeover is not None:
+            await takeover.close()
         await app.shutdown()
     finally:
         await app.stop()
         if upstreams is not None:
             await upstreams.close()
+
+
+def _takeover_server(app: App, path: Path, stop: asyncio.Event) -> TakeoverServer:
+    """Hands this process's listeners to `bgproxy run --takeover`; from the moment the new process
+    starts reading the state file this one takes no change, and once it accepts, this one drains."""
+
+    def begin() -> None:
+        app.controller.frozen = "a new bgproxy is taking over; make changes on it"
+
+    def abandoned() -> None:
+        app.controller.frozen = None
+
+    def handed_over() -> None:
+        app.handed_over = True
+        stop.set()
+
+    return TakeoverServer(
+        path, lambda: dict(app.listeners), handed_over, on_begin=begin, on_abandoned=abandoned
+    )
 
 
 def _second_signal_exits(stop: asyncio.Event) -> None:
@@ -104,9 +169,30 @@ def _second_signal_exits(stop: asyncio.Event) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     setup_logging(config.logging.format, config.logging.level)
+    ready: Ready | None = None
+    try:
+        if getattr(args, "takeover", None):
+            inherited, ready = receive_sockets(Path(args.takeover))
+        else:
+            inherited = systemd_sockets()
+        unknown = sorted(set(inherited) - {"proxy", "admin"})
+        if unknown:  # a listener nobody serves would leave its connections hanging in the backlog
+            raise SocketActivationError(f"unknown listening sockets {unknown}: name them proxy and admin")
+    except (TakeoverError, SocketActivationError) as exc:
+        if ready is not None:
+            ready.abort(str(exc))
+        print(f"bgproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         uvloop.run(
-            _serve(config, demo=args.command == "demo", reset_state=args.reset_state, config_path=args.config)
+            _serve(
+                config,
+                demo=args.command == "demo",
+                reset_state=args.reset_state,
+                config_path=args.config,
+                inherited=inherited,
+                ready=ready,
+            )
         )
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -568,6 +654,74 @@ def _cmd_rollout_action(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------- pools
+
+
+def _show_members(body: dict[str, Any]) -> str:
+    lines = [
+        f"{body['color']}: {', '.join(body['upstreams']) or '(no upstreams)'}  (version {body['version']})"
+    ]
+    lines += [f"  added {addr}" for addr in body["added"]] + [f"  removed {addr}" for addr in body["removed"]]
+    return "\n".join(lines)
+
+
+def _cmd_pool_list(args: argparse.Namespace) -> int:
+    colors = [args.color] if args.color else list(COLORS)
+    bodies = [_call(args, "GET", f"/v1/pools/{color}/upstreams") for color in colors]
+    _print(args, bodies if len(bodies) > 1 else bodies[0], "\n".join(_show_members(b) for b in bodies))
+    return EXIT_OK
+
+
+def _cmd_pool_change(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {} if args.reason is None else {"reason": args.reason}
+    if args.force:
+        body["force"] = True
+    path = f"/v1/pools/{args.color}/upstreams"
+    if args.pool_command == "add":
+        answer = _call(args, "POST", path, {"upstream": args.upstream, **body})
+    else:
+        answer = _call(args, "DELETE", f"{path}/{urllib.parse.quote(args.upstream, safe=':[]')}", body)
+    _print(args, answer, _show_members(answer))
+    return EXIT_OK
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    result = _call(args, "POST", "/v1/reload")
+    lines = [f"config reloaded at {result['at']}: changed {', '.join(result['changed']) or 'nothing'}"]
+    if result["restart_required"]:
+        lines.append(f"applies at the next start only: {', '.join(result['restart_required'])}")
+    lines += [
+        f"pool {color} replaced by the file: {', '.join(ups)}" for color, ups in result["pools"].items()
+    ]
+    _print(args, result, "\n".join(lines))
+    return EXIT_OK
+
+
+def _add_pool_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    pool = sub.add_parser("pool", help="pool membership at run time: list, add, remove")
+    commands = pool.add_subparsers(dest="pool_command", required=True)
+    listing = commands.add_parser("list", parents=[client], help="each color's upstreams")
+    listing.add_argument("color", nargs="?", choices=COLORS)
+    listing.set_defaults(func=_cmd_pool_list)
+    for name, helptext in (
+        ("add", "add an upstream (probed before it takes traffic)"),
+        ("remove", "remove an upstream (its exchanges finish; streams drain)"),
+    ):
+        command = commands.add_parser(name, parents=[client], help=helptext)
+        command.add_argument("color", choices=COLORS)
+        command.add_argument("upstream", metavar="HOST:PORT")
+        command.add_argument("--reason", metavar="TEXT", help="recorded in the audit log")
+        command.add_argument(
+            "--if-match", metavar="VERSION", type=int, help="apply only if the state is still at this version"
+        )
+        command.add_argument(
+            "--force", action="store_true", help="skip the probe / allow emptying a color that has weight"
+        )
+        command.set_defaults(func=_cmd_pool_change)
+
+
 def _client_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
@@ -658,6 +812,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             run.add_argument("--config", default=default_config, help="YAML config file")
         run.add_argument(
+            "--takeover",
+            metavar="SOCKET",
+            help="take the listening sockets over from the bgproxy running with this runtime_socket",
+        )
+        run.add_argument(
             "--reset-state",
             action="store_true",
             help="ignore the state file, even a corrupt one, and seed it from the config's weights",
@@ -679,6 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", parents=[client], help="show the audit log of switches")
     events.set_defaults(func=_cmd_events)
     _add_rollout_parser(sub, client)
+    _add_pool_parser(sub, client)
+    reload = sub.add_parser("reload", parents=[client], help="reload the config file (as SIGHUP does)")
+    reload.set_defaults(func=_cmd_reload)
     return parser
 
 

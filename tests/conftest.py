@@ -93,7 +93,7 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[MakeProxy]:
         cfg.setdefault("state_file", str(tmp_path / f"state-{len(started)}.json"))
         path = tmp_path / f"bgproxy-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        app = App(load_config(path, environ={}))
+        app = App(load_config(path, environ={}), config_path=path)
         await app.start()
         started.append(app)
         return RunningProxy(app, path)

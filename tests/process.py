@@ -82,12 +82,13 @@ class BgproxyProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession, *args: str) -> None:
+        """Start `bgproxy run` (with ``args`` added, e.g. --takeover SOCKET) and wait until it is ready."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
         with self.log.open("ab") as log:
             # Popen, not asyncio's subprocess: poll() reaps at once, so alive() is exact.
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - fork/exec only, nothing waits here
-                [BGPROXY, "run", "--config", str(self.config)],
+                [BGPROXY, "run", "--config", str(self.config), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

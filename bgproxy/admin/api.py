@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import RolloutConfig, parse_duration
 from ..control.configure import rollout_spec
-from ..control.controller import RolloutHolds
+from ..control.controller import Frozen, RolloutHolds
 from ..control.membership import Change, How, NotMember
 from ..control.reload import ReloadResult
 from ..control.state import StateFileError
@@ -318,6 +318,8 @@ class _Api:
             raise ApiError(409, str(exc), ["nothing was changed; read /v1/state and retry"]) from None
         except RolloutHolds as exc:
             raise ApiError(409, "a rollout is running", [str(exc)]) from None
+        except Frozen as exc:
+            raise ApiError(503, str(exc)) from None
         except SwitchError as exc:
             raise ApiError(409, str(exc)) from None
         except StateFileError as exc:
@@ -401,6 +403,8 @@ class _Api:
             r = await self.app.rollouts.start(
                 body.to, rollout_spec(plan), actor=request[ACTOR], reason=body.reason, force=body.force
             )
+        except Frozen as exc:
+            raise ApiError(503, str(exc)) from None
         except SwitchError as exc:
             raise ApiError(409, str(exc), ["no rollout was started"]) from None
         except StateFileError as exc:
@@ -430,6 +434,8 @@ class _Api:
             raise ApiError(404, "no rollout has run", ["start one with POST /v1/rollouts"]) from None
         except RolloutError as exc:
             raise ApiError(409, str(exc), ["nothing was changed"]) from None
+        except Frozen as exc:
+            raise ApiError(503, str(exc)) from None
         except StateFileError as exc:
             log.error("could not persist a rollout: %s", exc)
             raise ApiError(500, "could not save the change", [str(exc)]) from None
@@ -461,6 +467,8 @@ class _Api:
             raise ApiError(409, str(exc), ["nothing was changed; read the pool and retry"]) from None
         except NotMember as exc:
             raise ApiError(404, str(exc), ["nothing was changed"]) from None
+        except Frozen as exc:
+            raise ApiError(503, str(exc)) from None
         except SwitchError as exc:
             raise ApiError(409, str(exc)) from None
         except ValueError as exc:

@@ -33,6 +33,10 @@ Guard = Callable[[Weights, Weights], Awaitable[None]]
 Records = tuple[dict[str, Any], ...]
 
 
+class Frozen(SwitchError):
+    """The state file belongs to another process now (a takeover) or this one is stopping (503)."""
+
+
 class RolloutHolds(SwitchError):
     """A flip or weights change while a rollout holds the switch, without force (answered 409)."""
 
@@ -85,6 +89,7 @@ class Controller:
         # Membership changed at run time, persisted beside the weights (control.membership).
         self.pools = pools
         self.audit = audit
+        self.frozen: str | None = None  # why no change is taken now; None: changes are taken
 
     async def flip(
         self,
@@ -144,6 +149,7 @@ class Controller:
     async def save_rollouts(self, rollouts: Records, holder: str | None) -> None:
         """Persist rollout records (with the weights as they are) and say which rollout holds the switch."""
         async with self._lock:
+            self._check_open()
             board = self.switchboard
             state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
             await asyncio.to_thread(self.store.save, state)
@@ -164,6 +170,7 @@ class Controller:
         ``check`` runs under the lock and raises to refuse; ``apply`` must not fail (it swaps lists).
         """
         async with self._lock:
+            self._check_open()
             board = self.switchboard
             if expected_version is not None and expected_version != board.version:
                 raise VersionConflict(expected_version, board.version)
@@ -178,6 +185,10 @@ class Controller:
             if event is not None:
                 await self.record({**event, "version": version})
             return version
+
+    def _check_open(self) -> None:
+        if self.frozen is not None:
+            raise Frozen(f"{self.frozen}; nothing changed")
 
     async def record(self, event: dict[str, Any]) -> None:
         """Append to the audit log, durably; the change already happened, so a failed write is logged."""
@@ -197,6 +208,7 @@ class Controller:
         A caller cancelled during the write is like a crash after it: the file may hold the change.
         """
         async with self._lock:
+            self._check_open()
             if self.holder is not None and owner != self.holder and not force:
                 raise RolloutHolds(
                     f'rollout {self.holder} is running; nothing changed. Send "force": true to abort it '

@@ -23,6 +23,8 @@ log = logging.getLogger("bgproxy.drain")
 
 # After a close frame, how long the peers get to answer it before the TCP connections go.
 CLOSE_GRACE = 1.0
+# At shutdown, how long an idle keep-alive connection may stay for a request already on its way.
+IDLE_GRACE = 0.5
 UPSTREAM_POLL = 0.1  # seconds between looks at a removed upstream's exchanges
 
 
@@ -116,7 +118,7 @@ class Drainer:
     async def shutdown(self, within: float) -> None:
         """Let in-flight exchanges finish for `within` seconds, then close what is left like a drain."""
         runtime = self._runtime
-        runtime.begin_shutdown()
+        runtime.begin_shutdown(min(IDLE_GRACE, within))
         deadline = runtime.loop.time() + within
         for color in COLORS:
             left = deadline - runtime.loop.time()

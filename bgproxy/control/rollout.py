@@ -153,8 +153,8 @@ class RolloutRunner:
         """Tick until stopped; a failed tick (say, an unwritable state file) is logged and retried."""
         while True:
             await asyncio.sleep(TICK)
-            if self.running is None:
-                continue
+            if self.running is None or self._controller.frozen is not None:
+                continue  # frozen: a new process owns the state now, and decides from here on
             try:
                 await self._tick()
             except Exception:

@@ -82,10 +82,15 @@ class Runtime:
     def stop_draining(self, color: str) -> None:
         self.draining.discard(color)
 
-    def begin_shutdown(self) -> None:
-        """Every answer from now on says Connection: close; idle keep-alive connections close now."""
+    def begin_shutdown(self, idle_grace: float) -> None:
+        """Every answer from now on says Connection: close; keep-alive connections still idle after
+        ``idle_grace`` seconds are closed then. A busy client's next request gets its answer with
+        Connection: close instead of racing a close (a request already on its way would be lost)."""
         self.closing = True
         self.draining.update(self.pools)
+        self.loop.call_later(idle_grace, self._close_idle)
+
+    def _close_idle(self) -> None:
         for conn in list(self.connections):
             conn.close_if_idle()
 
