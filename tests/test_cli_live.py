@@ -1,0 +1,65 @@
+"""`bgproxy pool ...` and `bgproxy reload` against a real bgproxy; main() runs in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import yaml
+from upstreams import closed_port, origin
+
+from bgproxy.cli import main
+
+pytestmark = pytest.mark.timeout(20)
+
+
+async def cli(capsys: pytest.CaptureFixture[str], proxy: Any, *argv: str) -> tuple[int, str, str]:
+    status = await asyncio.to_thread(main, [*argv, "--admin", proxy.admin_url])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+async def test_pool_list_add_remove(make_proxy, capsys: pytest.CaptureFixture[str]) -> None:
+    async with origin("blue") as blue, origin("green") as g1, origin("green") as g2:
+        proxy = await make_proxy([blue.addr], [g1.addr])
+        status, out, _ = await cli(capsys, proxy, "pool", "list")
+        assert status == 0 and out.splitlines() == [
+            f"blue: {blue.addr}  (version 0)",
+            f"green: {g1.addr}  (version 0)",
+        ]
+        status, out, _ = await cli(capsys, proxy, "pool", "add", "green", g2.addr, "--reason", "scale out")
+        assert status == 0 and out.splitlines() == [
+            f"green: {g1.addr}, {g2.addr}  (version 1)",
+            f"  added {g2.addr}",
+        ]
+        assert proxy.app.audit.events()[-1]["reason"] == "scale out"
+        status, out, _ = await cli(capsys, proxy, "pool", "remove", "green", g1.addr, "--if-match", "1")
+        assert status == 0 and f"removed {g1.addr}" in out
+        status, _, err = await cli(capsys, proxy, "pool", "remove", "green", g1.addr)
+        assert status == 1 and "is not an upstream of green" in err
+        dead = f"127.0.0.1:{closed_port()}"
+        status, _, err = await cli(capsys, proxy, "pool", "add", "blue", dead)
+        assert status == 1 and "did not answer the probe" in err
+        status, _, err = await cli(capsys, proxy, "pool", "remove", "blue", blue.addr)
+        assert status == 1 and "weight 100" in err
+        status, out, _ = await cli(capsys, proxy, "pool", "list", "green", "--json")
+        assert status == 0 and json.loads(out)["upstreams"] == [g2.addr]
+
+
+async def test_reload(make_proxy, capsys: pytest.CaptureFixture[str]) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        proxy = await make_proxy([blue.addr], [green.addr])
+        config = yaml.safe_load(proxy.config_path.read_text())
+        config["drain_timeout"] = 9
+        config["metrics"] = {"error_window": 30}
+        proxy.config_path.write_text(yaml.safe_dump(config))
+        status, out, _ = await cli(capsys, proxy, "reload")
+        assert status == 0
+        assert out.splitlines()[1:] == ["applies at the next start only: metrics"]
+        assert "changed drain_timeout, metrics" in out
+        proxy.config_path.write_text("pools: []\n")
+        status, _, err = await cli(capsys, proxy, "reload")
+        assert status == 1 and "the config was not reloaded" in err and "pools" in err
+        assert proxy.app.switchboard.drain_timeout == 9
