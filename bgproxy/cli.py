@@ -293,26 +293,26 @@ def _show_state(state: dict[str, Any]) -> str:
     return head + "\n" + _table(["COLOR", "WEIGHT", "SHARE", "IN-FLIGHT", "UPSTREAMS"], rows)
 
 
+def _what(event: dict[str, Any]) -> str:
+    """One audit event's change in a few words."""
+    kind = event["kind"]
+    if kind == "switch":
+        before, after = event["from_weights"], event["to_weights"]
+        return f"weights {before['blue']}/{before['green']} -> {after['blue']}/{after['green']} (blue/green)"
+    if kind == "pool":
+        moves = [f"+{a}" for a in event["added"]] + [f"-{a}" for a in event["removed"]]
+        return f"pool {event['color']}: {' '.join(moves)} (by {event['source']})"
+    if event["ok"]:
+        return f"config reloaded: {', '.join(event['changed']) or 'no change'}"
+    return f"config reload refused: {'; '.join(event['errors'])}"
+
+
 def _show_events(body: dict[str, Any]) -> str:
     events = body["events"]
     if not events:
-        return "no switches since bgproxy started"
-
-    def split(w: dict[str, int]) -> str:
-        return f"{w['blue']}/{w['green']}"
-
-    rows = [
-        [
-            e["version"],
-            e["time"],
-            e["actor"],
-            split(e["from_weights"]),
-            split(e["to_weights"]),
-            e["reason"] or "",
-        ]
-        for e in events
-    ]
-    return _table(["VERSION", "TIME", "ACTOR", "FROM B/G", "TO B/G", "REASON"], rows)
+        return "no changes recorded"
+    rows = [[e.get("version", ""), e["time"], e["actor"], _what(e), e["reason"] or ""] for e in events]
+    return _table(["VERSION", "TIME", "ACTOR", "CHANGE", "REASON"], rows)
 
 
 def _print(args: argparse.Namespace, body: Any, human: str) -> None:
@@ -835,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights = sub.add_parser("weights", parents=[client, change], help="split traffic: blue=90 green=10")
     weights.add_argument("pairs", nargs="+", metavar="COLOR=WEIGHT")
     weights.set_defaults(func=_cmd_weights, parser=weights)
-    events = sub.add_parser("events", parents=[client], help="show the audit log of switches")
+    events = sub.add_parser("events", parents=[client], help="show the audit log: switches, pools, reloads")
     events.set_defaults(func=_cmd_events)
     _add_rollout_parser(sub, client)
     _add_pool_parser(sub, client)

@@ -139,6 +139,7 @@ async def test_state_reports_weights_version_and_pools(admin: Admin, origins: tu
             "green": {"weight": 0, "upstreams": [g.addr], "in_flight": 0, **idle(g.addr)},
         },
         "routing": {"sticky": None, "preview": None},
+        "last_reload": None,
     }
     assert state["updated_at"].endswith("Z")
     assert datetime.fromisoformat(state["updated_at"]).timestamp() == pytest.approx(
@@ -166,6 +167,7 @@ async def test_flip_moves_the_next_request_and_is_audited(admin: Admin, http: ai
     assert await color_of(http, admin.proxy) == "green"
     [event] = await admin.events()
     assert event == {
+        "kind": "switch",
         "version": 1,
         "time": state["updated_at"],
         "from_weights": {"blue": 100, "green": 0},

@@ -120,7 +120,8 @@ def test_state_survives_kill_9(server: Server) -> None:
     server.start()
     state = server.get("/v1/state")
     assert (state["weights"], state["active"], state["version"]) == ({"blue": 0, "green": 100}, "green", 1)
-    assert server.get("/v1/events") == {"events": []}  # the audit log is kept in memory only
+    [event] = server.get("/v1/events")["events"]  # the audit log was on disk before the answer too
+    assert (event["kind"], event["version"], event["to_weights"]) == ("switch", 1, {"blue": 0, "green": 100})
 
 
 def test_corrupt_state_file_stops_run_unless_reset_state(tmp_path: Path) -> None:
@@ -179,9 +180,9 @@ def test_status_flip_weights_events_print_short_tables(
     status, out, _ = run_cli(capsys, "events", *admin)
     assert status == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["VERSION", "TIME", "ACTOR", "FROM", "B/G", "TO", "B/G", "REASON"]
-    assert first.split()[2:] == ["local", "100/0", "0/100", "release", "7"]
-    assert second.split()[2:] == ["local", "0/100", "90/10"]
+    assert header.split() == ["VERSION", "TIME", "ACTOR", "CHANGE", "REASON"]
+    assert first.split()[2:] == ["local", "weights", "100/0", "->", "0/100", "(blue/green)", "release", "7"]
+    assert second.split()[2:] == ["local", "weights", "0/100", "->", "90/10", "(blue/green)"]
 
 
 def test_json_prints_the_api_answer(server: Server, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,15 @@ class Checker:
         self.proxy = proxy
         self.doc = doc
         self.seen: set[tuple[str, str, str]] = set()
+
+    def route(self, path: str) -> str:
+        """The documented path a concrete one belongs to: itself, or a template like /v1/pools/{color}/..."""
+        if path in self.doc["paths"]:
+            return path
+        for template in self.doc["paths"]:
+            if re.fullmatch(re.sub(r"\{[^}/]+\}", "[^/]+", template), path):
+                return str(template)
+        raise AssertionError(f"{path} is not documented")
 
     def validate(self, schema: dict[str, Any], body: Any) -> None:
         # The document is the root, so "#/components/schemas/..." references resolve inside it.
@@ -54,7 +64,7 @@ class Checker:
             assert resp.status == expect, await resp.text()
             assert resp.content_type == "application/json"
             answer = await resp.json()
-        route = path.partition("?")[0]  # the query is a parameter, not part of the documented path
+        route = self.route(path.partition("?")[0])  # the query is a parameter, not part of the path
         operation = self.doc["paths"][route][method.lower()]
         documented = operation["responses"][str(expect)]
         self.validate(documented["content"]["application/json"]["schema"], answer)
@@ -191,6 +201,55 @@ async def _check_every_answer(
             assert r.status == status
             c.validate(error_schema, await r.json())
 
+    # Pool membership (green is live since the promotion; blue has no weight) and reload.
+    pool_b, pool_g = "/v1/pools/blue/upstreams", "/v1/pools/green/upstreams"
+    await c.call("GET", pool_b, 200)
+    await c.call("GET", "/v1/pools/red/upstreams", 404)
+    await c.call("POST", pool_b, 200, {"upstream": green, "reason": "more"})
+    stale = {"If-Match": "99"}
+    for method, path, good, conflict, bad in [
+        ("POST", pool_b, {"upstream": green}, {}, {"upstream": 5}),  # 409: already there
+        ("PUT", pool_b, {"upstreams": [blue]}, stale, {"upstreams": "x"}),  # 409: stale version
+        ("DELETE", f"{pool_g}/{green}", None, {}, {"force": [1]}),  # 409: the live color's last
+    ]:
+        await c.call(method, path, 400, data=b"{", headers=JSON)
+        await c.call(method, path, 415, data=b"x", headers={"Content-Type": "text/plain"})
+        await c.call(method, path, 422, bad)
+        await c.call(method, path, 409, good, headers=conflict)
+        await c.call(method, path.replace("/blue/", "/red/").replace("/green/", "/red/"), 404, good)
+    await c.call("DELETE", f"{pool_b}/{green}", 200)
+    await c.call("PUT", pool_b, 200, {"upstreams": [blue, green]})
+    await c.call("POST", "/v1/reload", 200)
+    good_config = proxy.config_path.read_text()
+    proxy.config_path.write_text(good_config + "drain_timeout: soon\n")
+    await c.call("POST", "/v1/reload", 422)
+    proxy.config_path.write_text(good_config)
+
+    # A process that takes no change (shutting down, or being taken over) answers 503.
+    proxy.app.controller.frozen = "a new bgproxy is taking over"
+    for method, path, body in [
+        ("POST", "/v1/flip", {"to": "blue"}),
+        ("PUT", "/v1/weights", {"blue": 1, "green": 1}),
+        ("POST", "/v1/rollouts", {"to": "blue"}),
+        ("POST", pool_b, {"upstream": f"localhost:{green.rsplit(':', 1)[1]}"}),  # answers the probe
+        ("PUT", pool_b, {"upstreams": [blue]}),
+        ("DELETE", f"{pool_b}/{green}", None),
+    ]:
+        await c.call(method, path, 503, body)
+    await c.call("POST", "/v1/rollouts", 503, {"to": "blue", "force": True})
+    proxy.app.controller.frozen = None
+    await c.call("POST", "/v1/rollouts", 201, {"to": "blue", "step_pause": "1h"})
+    frozen = "a new bgproxy is taking over"
+    proxy.app.controller.frozen = frozen
+    for path in (actions[0], actions[2], actions[3]):
+        await c.call("POST", path, 503)
+    proxy.app.controller.frozen = None
+    await c.call("POST", actions[0], 200)
+    proxy.app.controller.frozen = frozen
+    await c.call("POST", actions[1], 503)
+    proxy.app.controller.frozen = None
+    await c.call("POST", actions[3], 200)
+
     # The state file becomes unwritable: a directory path that is a file fails even as root.
     def unwritable() -> None:
         shutil.rmtree(state_dir)  # the state file and anything kept beside it
@@ -204,6 +263,9 @@ async def _check_every_answer(
     unwritable()
     await c.call("POST", "/v1/flip", 500, {"to": "blue"})  # green is live since the promotion
     await c.call("PUT", "/v1/weights", 500, {"blue": 1, "green": 1})
+    await c.call("DELETE", f"{pool_b}/{green}", 500)
+    await c.call("PUT", pool_b, 500, {"upstreams": [blue]})
+    await c.call("POST", "/v1/pools/green/upstreams", 500, {"upstream": blue})
     await c.call("POST", "/v1/rollouts", 500, {"to": "blue"})
     runner = proxy.app.rollouts
     assert runner.current is not None and runner.current.state == "aborted"

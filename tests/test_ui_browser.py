@@ -5,7 +5,9 @@ browser Playwright downloads. It runs on the test's own event loop (uvloop): Pla
 only needs subprocess pipes, which uvloop has, so the proxy, the origins, the traffic and the browser
 share one loop and every wait is on a condition (Playwright's expect), not a sleep.
 
-``BGPROXY_SCREENSHOT=1`` makes the rollout test write docs/dashboard.png after a minute of traffic.
+``BGPROXY_SCREENSHOT=1`` makes the rollout test write docs/dashboard.png after a minute of traffic
+(``BGPROXY_SCREENSHOT_SECONDS`` to change that); without it, the test still takes the screenshot, to
+its temporary directory.
 """
 
 from __future__ import annotations
@@ -26,30 +28,33 @@ import pytest
 from conftest import MakeProxy, RunningProxy
 from upstreams import Origin, origin
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    pytest.skip(
-        "Debian's chromium is not installed: `bash .ci/system-deps` installs it (apt-get install chromium)",
-        allow_module_level=True,
-    )
-playwright = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed: pip install -e '.[dev]'"
-)
-Browser = playwright.Browser
-Page = playwright.Page
-expect = playwright.expect
+from bgproxy.admin import ui
 
+try:
+    from playwright.async_api import async_playwright, expect
+except ImportError:  # pragma: no cover - the dev extras install it
+    async_playwright = expect = None
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "browser-test-token-0123456789"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
 # What Chromium logs by itself for an answer the page expects and handles (401 before the token, 409).
 HANDLED_STATUS = re.compile(r"^Failed to load resource: the server responded with a status of (401|409)\b")
 
-expect.set_options(timeout=5000)
+STATIC = Path(__file__).resolve().parents[1] / "bgproxy" / "admin" / "static"
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    async with playwright.async_playwright() as pw:
+    if CHROMIUM is None:
+        pytest.skip(
+            "Debian's chromium is not installed: `bash .ci/system-deps` installs it "
+            "(apt-get install chromium); Playwright never downloads a browser here"
+        )
+    if async_playwright is None or expect is None:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    expect.set_options(timeout=5000)
+    async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=CHROMIUM)
         try:
             yield chromium
@@ -121,6 +126,71 @@ async def state(http: aiohttp.ClientSession, proxy: RunningProxy, token: str | N
         return await r.json()
 
 
+async def test_the_page_and_its_files_are_served_with_a_strict_policy(
+    make_proxy: MakeProxy, http: aiohttp.ClientSession
+) -> None:
+    """Plain HTTP, no browser: what is served, with which headers; the page itself holds no data."""
+    proxy = await make_proxy(admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}})
+    base = proxy.admin_url
+    pages = []
+    for path in ("/", "/ui/"):
+        async with http.get(base + path) as r:  # no token: the page asks for one itself
+            assert r.status == 200
+            assert r.content_type == "text/html"
+            headers = r.headers
+            pages.append(await r.text())
+        csp = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+        assert csp["default-src"] == "'none'"
+        for directive in ("script-src", "style-src", "connect-src", "img-src"):
+            assert csp[directive] == "'self'"
+        assert csp["frame-ancestors"] == "'none'"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
+    assert pages[0] == pages[1] == (STATIC / "index.html").read_text()
+
+    html = pages[0]
+    assert "<style" not in html and " style=" not in html  # no inline style
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/ui/app.js" defer>']  # no inline script
+    assert not re.search(r"\son[a-z]+=", html)  # no inline event handlers
+    for name in ("index.html", "app.js", "app.css"):
+        text = (STATIC / name).read_text()
+        origins = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", text)) - {"http://www.w3.org"}
+        assert not origins, f"{name} refers to another origin: {origins}"  # nothing from a CDN
+
+    for path, kind in [("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")]:
+        async with http.get(base + path) as r:
+            assert r.status == 200 and r.content_type == kind
+            assert r.headers["Cache-Control"] == "no-cache"
+            etag = r.headers["ETag"]
+        async with http.get(base + path, headers={"If-None-Match": etag}) as r:
+            assert r.status == 304
+    async with http.get(base + "/favicon.ico") as r:
+        assert r.status == 200 and r.content_type == "image/svg+xml"
+    async with http.get(base + "/ui", allow_redirects=False) as r:
+        assert r.status == 308 and r.headers["Location"] == "/ui/"
+    for path in ("/ui/nope.js", "/ui/../pyproject.toml", "/ui/static/app.js"):
+        async with http.get(base + path) as r:
+            assert r.status == 404
+    async with http.head(base + "/") as r:
+        assert r.status == 200
+
+
+async def test_an_install_without_the_page_files_still_serves_the_api(
+    make_proxy: MakeProxy, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing() -> None:
+        raise FileNotFoundError("bgproxy/admin/static/index.html")
+
+    monkeypatch.setattr(ui, "load_assets", missing)
+    proxy = await make_proxy()
+    async with http.get(proxy.admin_url + "/") as r:
+        assert r.status == 500
+        assert "the dashboard's files are missing" in await r.text()
+    async with http.get(proxy.admin_url + "/v1/state") as r:
+        assert r.status == 200
+
+
 async def test_page_shows_the_weights_and_a_confirmed_flip_moves_live_and_traffic_within_a_second(
     browser: Any, make_proxy: MakeProxy, http: aiohttp.ClientSession
 ) -> None:
@@ -163,7 +233,7 @@ async def test_page_shows_the_weights_and_a_confirmed_flip_moves_live_and_traffi
         # The traffic follows, and the page counts it.
         assert await send(http, proxy, 30) == ["green"] * 30
         await expect(tab.card("green", "total")).to_have_text("30 since start", timeout=3000)
-        await expect(tab.card("green", "rate")).not_to_have_text("–")
+        await expect(tab.card("green", "rate")).to_have_text(re.compile(r"^[\d.]+/s$"))
         stream.close()
         await expect(tab.card("blue", "drain")).to_be_hidden()
         await expect(tab.card("blue", "status")).to_have_text(re.compile("idle", re.I))
@@ -327,7 +397,12 @@ async def test_the_rollout_panel_shows_the_steps_and_drives_the_rollout(
 
 
 async def _rollout_panel(
-    browser: Any, make_proxy: MakeProxy, http: aiohttp.ClientSession, tmp_path: Path, blue: Origin, green: Origin
+    browser: Any,
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    blue: Origin,
+    green: Origin,
 ) -> None:
     proxy = await make_proxy(blue=[blue.addr], green=[green.addr])
     stop = asyncio.Event()
@@ -337,8 +412,10 @@ async def _rollout_panel(
         page = tab.page
         await expect(page.locator("#rollout-none")).to_be_visible()
         blue.fail_ratio = 0.002
-        if os.environ.get("BGPROXY_SCREENSHOT"):  # a minute of history for the sparklines
-            await asyncio.sleep(float(os.environ.get("BGPROXY_SCREENSHOT_SECONDS", "60")))
+        screenshot = os.environ.get("BGPROXY_SCREENSHOT")
+        seconds = float(os.environ.get("BGPROXY_SCREENSHOT_SECONDS", "60"))
+        if screenshot:  # history for the sparklines: two thirds before the rollout, a third after
+            await asyncio.sleep(seconds * 2 / 3)
         body = {"to": "green", "steps": [10, 25, 50, 100], "step_pause": "1h", "reason": "deploy 42"}
         async with http.post(f"{proxy.admin_url}/v1/rollouts", json=body) as r:
             assert r.status == 201, await r.text()
@@ -353,8 +430,8 @@ async def _rollout_panel(
         await expect(candidate).to_contain_text("candidate (green)")
         await expect(candidate.locator("td").first).not_to_have_text("0", timeout=3000)  # evidence moves
         await expect(page.locator("#rollout-evidence")).to_contain_text("Threshold 0.50%")
-        if os.environ.get("BGPROXY_SCREENSHOT"):
-            await asyncio.sleep(3)
+        if screenshot:
+            await asyncio.sleep(seconds / 3)
             DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
             await page.screenshot(path=str(DOCS_SCREENSHOT), full_page=True)
         shot = tmp_path / "dashboard.png"

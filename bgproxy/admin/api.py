@@ -30,13 +30,14 @@ from ..core.rollout import Rollout, RolloutError
 from ..core.switchboard import SwitchResult
 from ..core.timefmt import rfc3339
 from ..core.weights import Weights
-from .changes import MembershipView, ReloadView, RemoveRequest, UpstreamRequest, UpstreamsRequest
+from .changes import MembershipView, RemoveRequest, UpstreamRequest, UpstreamsRequest
 from .metrics import error_window_state
 from .models import (
     DrainWaitView,
     ErrorView,
-    EventsView,
+    EventView,
     FlipRequest,
+    LastReloadView,
     PoolsHealthView,
     RolloutActionRequest,
     RolloutRequest,
@@ -171,6 +172,7 @@ def state_view(app: Process) -> dict[str, Any]:
             "updated_at": rfc3339(board.updated_at),
             "pools": {color: color_state(app, color) for color in COLORS},
             "routing": routing_state(app),
+            "last_reload": None if app.last_reload is None else reload_view(app.last_reload),
         }
     )
     return view.model_dump(mode="json")
@@ -221,7 +223,7 @@ def rollout_view(r: Rollout) -> dict[str, Any]:
 
 
 def reload_view(result: ReloadResult) -> dict[str, Any]:
-    view = ReloadView.model_validate({"at": rfc3339(result.at), **result.as_dict()})
+    view = LastReloadView.model_validate({"at": rfc3339(result.at), **result.as_dict()})
     return view.model_dump(mode="json")
 
 
@@ -380,17 +382,10 @@ class _Api:
 
     async def get_events(self, request: web.Request) -> web.Response:
         events = [
-            {
-                "version": e.version,
-                "time": rfc3339(e.at),
-                "from_weights": e.from_weights.as_dict(),
-                "to_weights": e.to_weights.as_dict(),
-                "actor": e.actor,
-                "reason": e.reason,
-            }
-            for e in self.app.switchboard.events()
+            EventView.model_validate(e).model_dump(mode="json", exclude_unset=True)
+            for e in self.app.audit.events()
         ]
-        return web.json_response(EventsView.model_validate({"events": events}).model_dump(mode="json"))
+        return web.json_response({"events": events})
 
     async def start_rollout(self, request: web.Request) -> web.Response:
         body = await _read_body(request, RolloutRequest, "rollout", optional=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..core.colors import Color
-from .models import Reason, Timestamp, _Model
+from .models import Reason, _Model
 
 
 class UpstreamRequest(_Model):
@@ -42,14 +42,3 @@ class MembershipView(_Model):
     added: list[str]
     removed: list[str]
     version: int = Field(description="The switch state version (membership changes count too).")
-
-
-class ReloadView(_Model):
-    """The outcome of a reload, as /v1/state's last_reload and POST /v1/reload show it."""
-
-    at: Timestamp
-    ok: bool
-    errors: list[str] = Field(description="One line per problem: file, field, value. The old config runs on.")
-    changed: list[str] = Field(description="Top-level config sections that changed.")
-    restart_required: list[str] = Field(description="Changed sections that apply only at the next start.")
-    pools: dict[str, list[str]] = Field(description="Colors whose membership the file replaced.")

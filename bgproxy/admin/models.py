@@ -238,6 +238,17 @@ class RoutingView(_Model):
     preview: PreviewView | None
 
 
+class LastReloadView(_Model):
+    """The outcome of the last config reload (SIGHUP or POST /v1/reload)."""
+
+    at: Timestamp
+    ok: bool
+    errors: list[str] = Field(description="One line per problem: file, field, value. The old config runs on.")
+    changed: list[str] = Field(description="Top-level config sections that changed.")
+    restart_required: list[str] = Field(description="Changed sections that apply only at the next start.")
+    pools: dict[str, list[str]] = Field(description="Colors whose membership the file replaced.")
+
+
 class StateView(_Model):
     """The switch state; its version grows by one with every applied change."""
 
@@ -247,21 +258,37 @@ class StateView(_Model):
     updated_at: Timestamp
     pools: PoolsView
     routing: RoutingView
+    last_reload: LastReloadView | None = Field(description="The last config reload; null: none since start.")
 
 
 class EventView(_Model):
-    """One applied change in the audit log."""
+    """One entry of the audit log: a switch, a pool membership change or a reload.
 
-    version: int
+    The fields after ``reason`` are those of its kind; the others are absent.
+    """
+
     time: Timestamp
-    from_weights: WeightsView
-    to_weights: WeightsView
-    actor: str = Field(description='Name of the admin token used, or "local" when no tokens are configured.')
+    kind: Literal["switch", "pool", "reload"]
+    actor: str = Field(description='Name of the admin token used, "local" without tokens, or who else acted.')
     reason: str | None
+    version: int | None = Field(default=None, description="switch, pool: the state version it made.")
+    from_weights: WeightsView | None = Field(default=None, description="switch")
+    to_weights: WeightsView | None = Field(default=None, description="switch")
+    color: Color | None = Field(default=None, description="pool")
+    added: list[str] | None = Field(default=None, description="pool")
+    removed: list[str] | None = Field(default=None, description="pool")
+    upstreams: list[str] | None = Field(default=None, description="pool: the list after the change.")
+    source: Literal["api", "reload"] | None = Field(default=None, description="pool: who asked.")
+    ok: bool | None = Field(default=None, description="reload")
+    errors: list[str] | None = Field(default=None, description="reload")
+    changed: list[str] | None = Field(default=None, description="reload")
+    restart_required: list[str] | None = Field(default=None, description="reload")
 
 
 class EventsView(_Model):
-    events: list[EventView] = Field(description="Oldest first; only the newest 1000 are kept, in memory.")
+    events: list[EventView] = Field(
+        description="Oldest first; the newest 1000, read back from events_file at start."
+    )
 
 
 class ColorEvidenceView(_Model):

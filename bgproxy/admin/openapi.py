@@ -13,12 +13,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from .. import __version__
 from ..core.colors import COLORS
+from .changes import MembershipView, RemoveRequest, UpstreamRequest, UpstreamsRequest
 from .models import (
     DrainWaitView,
     ErrorView,
     EventsView,
     FlipRequest,
     HealthView,
+    LastReloadView,
     PoolsHealthView,
     ReadyView,
     RolloutActionRequest,
@@ -37,13 +39,14 @@ _ERRORS = {
     400: "Malformed JSON or If-Match header.",
     401: "Tokens are configured and the request has no valid bearer token.",
     408: "The color still had open exchanges when the timeout passed.",
-    404: "No rollout has run yet.",
+    404: "No such rollout, pool or upstream.",
     409: "Stale If-Match version, a rollout holding the switch (without force), a flip without `to` "
     "while both colors have weight, or weight for a "
     "color with no healthy upstream or none answering the flip probe (without force). Nothing changed.",
     415: "The body is not application/json.",
     422: "The body does not validate; one detail line per bad field.",
     500: "The change could not be saved to the state file. Nothing changed.",
+    503: "This process takes no change now: it is shutting down, or a new bgproxy is taking over.",
 }
 
 _WATCH = """\
@@ -67,7 +70,18 @@ the Authorization header, so read it with fetch() when tokens are configured (th
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the admin listener, its schemas generated from the API models."""
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((m, "validation") for m in (FlipRequest, WeightsRequest, RolloutRequest, RolloutActionRequest)),
+        *(
+            (m, "validation")
+            for m in (
+                FlipRequest,
+                WeightsRequest,
+                RolloutRequest,
+                RolloutActionRequest,
+                UpstreamRequest,
+                UpstreamsRequest,
+                RemoveRequest,
+            )
+        ),
         *(
             (m, "serialization")
             for m in (
@@ -80,6 +94,8 @@ def openapi_document() -> dict[str, Any]:
                 DrainWaitView,
                 RolloutView,
                 RolloutsView,
+                MembershipView,
+                LastReloadView,
                 WatchStateEvent,
                 WatchHistoryEvent,
                 WatchCountersEvent,
@@ -112,7 +128,13 @@ def openapi_document() -> dict[str, Any]:
         **ok(StateView),
         "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
     }
-    change_errors = (400, 409, 415, 422, 500)
+    change_errors = (400, 409, 415, 422, 500, 503)
+    color_param = {"name": "color", "in": "path", "required": True, "schema": {"enum": list(COLORS)}}
+    members_ok = {
+        **ok(MembershipView),
+        "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
+    }
+    pool_errors = (400, 404, 409, 415, 422, 500, 503)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -168,6 +190,49 @@ def openapi_document() -> dict[str, Any]:
                     "responses": answers(ok(PoolsHealthView)),
                 }
             },
+            "/v1/pools/{color}/upstreams": {
+                "get": {
+                    "operationId": "getUpstreams",
+                    "summary": "A color's upstreams, in order.",
+                    "parameters": [color_param],
+                    "responses": answers(members_ok, 404),
+                },
+                "post": {
+                    "operationId": "addUpstream",
+                    "summary": "Add an upstream; it answers the flip probe before it takes traffic.",
+                    "parameters": [color_param, if_match],
+                    "requestBody": {"required": True, "content": content(UpstreamRequest)},
+                    "responses": answers(members_ok, *pool_errors),
+                },
+                "put": {
+                    "operationId": "setUpstreams",
+                    "summary": "Replace the whole list; upstreams that stay keep their state.",
+                    "parameters": [color_param, if_match],
+                    "requestBody": {"required": True, "content": content(UpstreamsRequest)},
+                    "responses": answers(members_ok, *pool_errors),
+                },
+            },
+            "/v1/pools/{color}/upstreams/{upstream}": {
+                "delete": {
+                    "operationId": "removeUpstream",
+                    "summary": "Remove an upstream: no new request; its exchanges finish, its streams drain.",
+                    "parameters": [
+                        color_param,
+                        {"name": "upstream", "in": "path", "required": True, "schema": {"type": "string"}},
+                        if_match,
+                    ],
+                    "requestBody": {"required": False, "content": content(RemoveRequest)},
+                    "responses": answers(members_ok, *pool_errors),
+                }
+            },
+            "/v1/reload": {
+                "post": {
+                    "operationId": "reload",
+                    "summary": "Read the config file again and apply it whole (as SIGHUP).",
+                    "description": "422 lists every problem; the running config then stays as it was.",
+                    "responses": answers(ok(LastReloadView), 422),
+                }
+            },
             "/v1/drain/wait": {
                 "post": {
                     "operationId": "drainWait",
@@ -199,6 +264,7 @@ def openapi_document() -> dict[str, Any]:
                         415,
                         422,
                         500,
+                        503,
                         code="201",
                     ),
                 },
@@ -221,7 +287,7 @@ def openapi_document() -> dict[str, Any]:
                         "operationId": f"{action}Rollout",
                         "summary": summary,
                         "requestBody": {"required": False, "content": content(RolloutActionRequest)},
-                        "responses": answers(ok(RolloutView), 400, 404, 409, 415, 422, 500),
+                        "responses": answers(ok(RolloutView), 400, 404, 409, 415, 422, 500, 503),
                     }
                 }
                 for action, summary in (

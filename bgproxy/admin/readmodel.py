@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..control.audit import AuditLog
 from ..control.controller import Controller
 from ..control.drain import Drainer
 from ..control.membership import Membership
@@ -44,6 +45,10 @@ class Process(Protocol):
 
     @property
     def last_reload(self) -> ReloadResult | None: ...
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit log GET /v1/events reads."""
 
     async def reload(self, *, actor: str) -> ReloadResult:
         """Read the config file again and apply it whole, or keep the running one."""

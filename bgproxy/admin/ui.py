@@ -11,6 +11,7 @@ style), and the page may not be framed.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
@@ -18,6 +19,8 @@ from aiohttp import web
 
 from . import watch
 from .readmodel import Process
+
+log = logging.getLogger("bgproxy.ui")
 
 # name -> Content-Type; only these files are served, whatever else is in the directory.
 ASSETS = {
@@ -85,9 +88,31 @@ async def _to_ui(request: web.Request) -> web.Response:
     raise web.HTTPPermanentRedirect("/ui/", headers=SECURITY_HEADERS)
 
 
+def _missing(why: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(
+            status=500,
+            text=f"the dashboard's files are missing from this install: {why}\n",
+            headers=SECURITY_HEADERS,
+        )
+
+    return handler
+
+
 def add_ui_routes(admin: web.Application, process: Process) -> None:
-    """Mount the page at / and /ui/, its files under /ui/, and the /v1/watch hub's lifecycle."""
-    assets = load_assets()
+    """Mount the page at / and /ui/, its files under /ui/, and the /v1/watch hub's lifecycle.
+
+    An install without the static files (package data left out) still runs: the API matters more
+    than the page, so the page's routes answer 500 saying what is missing, and the start logs it.
+    """
+    watch.attach(admin, process)
+    try:
+        assets = load_assets()
+    except OSError as exc:
+        log.error("dashboard files missing; GET / answers 500: %s", exc)
+        for path in ("/", "/ui/"):
+            admin.router.add_get(path, _missing(str(exc)))
+        return
     page = _serve("index.html", assets)
     admin.router.add_get("/", page)
     admin.router.add_get("/ui/", page)
@@ -96,4 +121,3 @@ def add_ui_routes(admin: web.Application, process: Process) -> None:
         if name != "index.html":
             admin.router.add_get(f"/ui/{name}", _serve(name, assets))
     admin.router.add_get("/favicon.ico", _serve("favicon.svg", assets))
-    watch.attach(admin, process)

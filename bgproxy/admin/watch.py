@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,8 @@ from ..core.timefmt import rfc3339
 from .metrics import error_window_state
 from .models import WatchCountersEvent, WatchHistoryEvent, WatchStateEvent
 from .readmodel import Process
+
+log = logging.getLogger("bgproxy.watch")
 
 POLL = 0.2  # seconds between looks at the state signature while someone watches
 PERIOD = 1.0  # seconds between counter samples (and counters events)
@@ -210,21 +213,25 @@ class WatchHub:
             for watcher in [w for w in self._watchers if w.gone()]:
                 watcher.end()
                 self._watchers.discard(watcher)
-            if now >= due:
-                due = max(due + self.period, now)  # after a stall, skip ahead rather than burst
-                self._sample()
-                if any(w.counters for w in self._watchers):
-                    data = frame("counters", self.counters())
-                    for watcher in self._watchers:
-                        if watcher.counters:
+            try:
+                if now >= due:
+                    # After a stall (a blocked loop), skip ahead rather than sample in a burst.
+                    due = due + self.period if now < due + self.period else now + self.period
+                    self._sample()
+                    if any(w.counters for w in self._watchers):
+                        data = frame("counters", self.counters())
+                        for watcher in self._watchers:
+                            if watcher.counters:
+                                watcher.send(data)
+                if self._watchers:
+                    signature = _signature(self.process)
+                    if signature != self._signature:
+                        self._signature = signature
+                        data = frame("state", self.state())
+                        for watcher in self._watchers:
                             watcher.send(data)
-            if self._watchers:
-                signature = _signature(self.process)
-                if signature != self._signature:
-                    self._signature = signature
-                    data = frame("state", self.state())
-                    for watcher in self._watchers:
-                        watcher.send(data)
+            except Exception:  # a bug here must not silence every watcher for good
+                log.exception("watch: building an event failed; trying again in %gs", self.poll)
 
     # -- the events ------------------------------------------------------------------------------------
 
@@ -366,10 +373,11 @@ def watch_handler(process: Process) -> Callable[[web.Request], Awaitable[web.Str
         )
         watcher = hub.subscribe(request, counters=counters)
         try:
-            await response.prepare(request)
+            # Built before the answer starts, so a failure here is still a proper error answer.
             first = PREAMBLE + frame("state", hub.state())
             if counters:
                 first += frame("history", hub.history()) + frame("counters", hub.counters())
+            await response.prepare(request)
             await _write(response, first)
             while True:
                 try:

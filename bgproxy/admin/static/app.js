@@ -25,6 +25,7 @@
   const cards = {};
   let watchAbort = null;
   let running = false;
+  let generation = 0; // each start() begins a new watch loop; an older one sees it and ends
 
   // ------------------------------------------------------------------------------ formatting
 
@@ -40,7 +41,13 @@
 
   function rate(n) {
     if (n == null) return "–";
-    return (n >= 100 ? n.toFixed(0) : n >= 10 ? n.toFixed(1) : n.toFixed(2).replace(/\.?0+$/, "") || "0") + "/s";
+    return (n >= 100 ? n.toFixed(0) : n.toFixed(1)) + "/s";
+  }
+
+  function duration(s) {
+    if (s >= 3600 && s % 3600 === 0) return `${s / 3600} h`;
+    if (s >= 60 && s % 60 === 0) return `${s / 60} min`;
+    return `${s} s`;
   }
 
   function count(n) {
@@ -179,13 +186,15 @@
 
   function stop() {
     running = false;
+    generation += 1;
     if (watchAbort) watchAbort.abort();
     watchAbort = null;
   }
 
-  async function watchLoop() {
+  async function watchLoop(mine) {
+    const current = () => running && mine === generation;
     let delay = 250;
-    while (running) {
+    while (current()) {
       const ctrl = new AbortController();
       watchAbort = ctrl;
       let timer = null;
@@ -214,7 +223,7 @@
       } finally {
         clearTimeout(timer);
       }
-      if (!running) return;
+      if (!current()) return;
       setConn("reconnecting", "reconnecting…");
       await new Promise((resolve) => setTimeout(resolve, delay));
       delay = Math.min(delay * 2, 5000);
@@ -535,6 +544,12 @@
         return el("li", { "data-status": s.status, title: s.status, text: `${label} ${s.status}` });
       }),
     );
+    const current = r.steps.find((s) => s.status === "current");
+    $("rollout-progress").textContent = current && !["promoted", "rolled_back", "aborted"].includes(r.state)
+      ? `Step ${current.index + 1} of ${r.steps.length} since ${clock(current.started_at)}: ` +
+        `it stays at least ${duration(r.spec.step_pause)} and until ${count(r.spec.min_requests)} ` +
+        `candidate requests` + (r.spec.bake ? `; then bakes ${duration(r.spec.bake)} at 100%.` : ".")
+      : "";
     const evidence = model.counters && model.counters.rollout && model.counters.rollout.id === r.id
       ? model.counters.rollout.evidence
       : r.evidence;
@@ -613,10 +628,13 @@
       .slice(-50)
       .reverse()
       .map((e) => {
+        // A switch shows its weights (blue/green); any other kind of entry, its kind.
         const weights = el(
           "td",
           {},
-          `${e.from_weights.blue}/${e.from_weights.green} → ${e.to_weights.blue}/${e.to_weights.green}`,
+          e.from_weights && e.to_weights
+            ? `${e.from_weights.blue}/${e.from_weights.green} → ${e.to_weights.blue}/${e.to_weights.green}`
+            : String(e.kind || "change"),
         );
         return el(
           "tr",
@@ -624,7 +642,7 @@
           el("td", { text: stamp(e.time) }),
           el("td", { text: String(e.version) }),
           weights,
-          el("td", { text: e.actor }),
+          el("td", { class: "actor", text: e.actor }),
           el("td", { class: "reason", text: e.reason || "" }),
         );
       });
@@ -771,8 +789,9 @@
     model.state = st;
     render();
     loadEvents(st.version);
+    stop();
     running = true;
-    watchLoop();
+    watchLoop(generation);
   }
 
   function wire() {
