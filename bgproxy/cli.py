@@ -229,10 +229,14 @@ def _admin_url(args: argparse.Namespace) -> str:
     return DEFAULT_ADMIN
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One admin API request; prints the refusal and raises _Failed unless it answered 2xx."""
-    url = _admin_url(args) + path
-    headers = {"Accept": "application/json"}
+# No HTTP proxy from the environment: the bearer token goes straight to bgproxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _request(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, accept: str = "application/json"
+) -> urllib.request.Request:
+    headers = {"Accept": accept}
     token = args.token or os.environ.get(TOKEN_ENV)
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -242,19 +246,27 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    # No HTTP proxy from the environment: the bearer token goes straight to bgproxy.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=_TIMEOUT) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
+    return urllib.request.Request(_admin_url(args) + path, data=data, headers=headers, method=method)
+
+
+def _failed(args: argparse.Namespace, url: str, exc: Exception) -> _Failed:
+    """Print why a call failed: the server's refusal (exit 1) or why it could not be reached (exit 2)."""
+    if isinstance(exc, urllib.error.HTTPError):
         _print_refusal(args, exc.code, exc.read())
-        raise _Failed(EXIT_REFUSED) from None
+        return _Failed(EXIT_REFUSED)
+    why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    print(f"bgproxy: cannot use the admin API at {url}: {why}", file=sys.stderr)
+    return _Failed(EXIT_USAGE)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One admin API request; prints the refusal and raises _Failed unless it answered 2xx."""
+    request = _request(args, method, path, body)
+    try:
+        with _OPENER.open(request, timeout=_TIMEOUT) as response:
+            return json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        print(f"bgproxy: cannot use the admin API at {url}: {why}", file=sys.stderr)
-        raise _Failed(EXIT_USAGE) from None
+        raise _failed(args, request.full_url, exc) from None
 
 
 def _print_refusal(args: argparse.Namespace, status: int, raw: bytes) -> None:
@@ -320,9 +332,33 @@ def _print(args: argparse.Namespace, body: Any, human: str) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch_state(args)
     state = _call(args, "GET", "/v1/state")
     _print(args, state, _show_state(state))
     return EXIT_OK
+
+
+def _watch_state(args: argparse.Namespace) -> int:
+    """Print the state at once and again on every change, from the /v1/watch event stream, until Ctrl-C."""
+    request = _request(args, "GET", "/v1/watch?counters=0", accept="text/event-stream")
+    try:
+        # No read timeout: the stream sends a heartbeat comment at least every 15 s.
+        with _OPENER.open(request) as stream:
+            event = ""
+            for raw in stream:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event == "state":
+                    state = json.loads(line[5:])["state"]
+                    print(json.dumps(state) if args.json else f"{_show_state(state)}\n", flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _failed(args, request.full_url, exc) from None
+    print("bgproxy: the admin API closed the stream (shutting down?)", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _change_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -828,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client, change = _client_options(), _change_options()
     status = sub.add_parser("status", parents=[client], help="show weights, live color and pools")
+    status.add_argument("--watch", action="store_true", help="print it again on every change, until Ctrl-C")
     status.set_defaults(func=_cmd_status)
     flip = sub.add_parser("flip", parents=[client, change], help="send all traffic to the other color")
     flip.add_argument("--to", choices=COLORS, help="color to send all traffic to")

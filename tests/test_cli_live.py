@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from upstreams import closed_port, origin
+from waiting import eventually
 
 from bgproxy.cli import main
 
@@ -63,3 +64,26 @@ async def test_reload(make_proxy, capsys: pytest.CaptureFixture[str]) -> None:
         status, _, err = await cli(capsys, proxy, "reload")
         assert status == 1 and "the config was not reloaded" in err and "pools" in err
         assert proxy.app.switchboard.drain_timeout == 9
+
+
+async def test_status_watch_prints_each_change_from_the_event_stream(
+    make_proxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        proxy = await make_proxy([blue.addr], [green.addr])
+        watching = asyncio.create_task(
+            asyncio.to_thread(main, ["status", "--watch", "--json", "--admin", proxy.admin_url])
+        )
+        seen: list[dict[str, Any]] = []
+
+        def states() -> list[dict[str, Any]]:
+            seen.extend(json.loads(line) for line in capsys.readouterr().out.splitlines())
+            return seen
+
+        await eventually(lambda: len(states()) >= 1)
+        await proxy.app.controller.flip("green", actor="test")
+        await eventually(lambda: states()[-1]["active"] == "green")
+        await proxy.app.stop()  # the stream ends with the process: the command says so
+        assert await asyncio.wait_for(watching, 10) == 2
+    assert [s["version"] for s in seen][:1] == [0] and seen[-1]["version"] == 1
+    assert "closed the stream" in capsys.readouterr().err
