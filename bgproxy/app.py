@@ -112,6 +112,7 @@ class App:
         self.listeners: dict[str, socket.socket] = {}  # what a takeover hands over
         self._admin_site: web.SockSite | None = None
         self.handed_over = False  # a new bgproxy accepts on our listeners now
+        self._socket_activated = False
 
     # -- the read model (admin.readmodel.Process) -----------------------------------------------------
     @property
@@ -177,9 +178,16 @@ class App:
         self.state_store.save(state)
         return state
 
-    async def start(self, inherited: Mapping[str, socket.socket] | None = None) -> None:
+    async def start(
+        self, inherited: Mapping[str, socket.socket] | None = None, *, taking_over: bool = False
+    ) -> None:
         """``inherited``: listening sockets from a takeover or systemd ("proxy", "admin"), used instead
-        of binding; they win over the config's addresses (another bind would strand their backlog)."""
+        of binding; they win over the config's addresses (another bind would strand their backlog).
+        ``taking_over``: they come from a running bgproxy, which still owns the state until it confirms
+        the handover; no change is taken (nor a rollout driven) before ``took_over()``."""
+        admin_sock = (inherited or {}).get("admin")
+        if admin_sock is not None:
+            _check_admin_exposure(self.config, admin_sock.getsockname()[0])
         self.audit.load()
         self.audit.open()
         saved = self._restore_state()
@@ -234,7 +242,10 @@ class App:
         health.start()
         listen = config.listen
         inherited = dict(inherited or {})
-        self._server = await self._listen(config, inherited.pop("proxy", None))
+        self._socket_activated = bool(inherited) and not taking_over
+        if taking_over:
+            controller.frozen = "this bgproxy is still taking over from the running one"
+        self._server, self.listeners["proxy"] = await self._listen(config, inherited.pop("proxy", None))
         self._housekeeping = loop.create_task(self._tick())
         await rollouts.start_loop()
         admin = config.admin
@@ -254,6 +265,11 @@ class App:
                 "dataplane": dataplane_build(),
             },
         )
+
+    def took_over(self) -> None:
+        """The old process confirmed the handover: the state is ours now."""
+        self.controller.frozen = None
+        log.info("took over: this process takes changes now")
 
     async def reload(self, *, actor: str) -> ReloadResult:
         """Read the config file again; apply it whole, or keep the running config and say why.
@@ -278,33 +294,54 @@ class App:
             return result
 
     async def _reload(self, actor: str) -> ReloadResult:
+        def refused(*problems: str) -> ReloadResult:
+            for problem in problems:
+                log.error("reload refused: %s", problem, extra={"config": str(self.config_path)})
+            return ReloadResult(time.time(), False, problems)
+
         if self.config_path is None:
-            return ReloadResult(time.time(), False, ("bgproxy was started without a config file",))
+            return refused("bgproxy was started without a config file")
+        if self.controller.frozen is not None:
+            return refused(f"{self.controller.frozen}; the running config stays")
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
             _check_admin_exposure(new)
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused: %s", problem, extra={"config": str(self.config_path)})
-            return ReloadResult(time.time(), False, tuple(exc.problems))
+            return refused(*exc.problems)
         old = self.config
+        server: asyncio.Server | None = None
+        sock: socket.socket | None = None
         if new.listen != old.listen:
+            if self._socket_activated:
+                return refused(
+                    f"listen: the listening socket comes from systemd; change ListenStream in the .socket "
+                    f"unit instead (got {str(new.listen)!r})"
+                )
             try:
-                server = await self._listen(new)
+                server, sock = await self._listen(new)
             except OSError as exc:
-                problem = f"listen: cannot bind {new.listen}: {exc.strerror or exc} (got {str(new.listen)!r})"
-                log.error("reload refused: %s", problem)
-                return ReloadResult(time.time(), False, (problem,))
+                return refused(
+                    f"listen: cannot bind {new.listen}: {exc.strerror or exc} (got {str(new.listen)!r})"
+                )
+        try:
+            result = await reload.apply(old, new, self._reload_parts, actor=actor)
+        except Exception as exc:  # a pool change could not be saved: nothing else was swapped
+            if server is not None:
+                server.close()
+            return refused(f"not applied: {exc}")
+        if server is not None and sock is not None:
             assert self._server is not None
             self._server.close()  # open connections go on; only the old listening socket goes
             self._server = server
-        result = await reload.apply(old, new, self._reload_parts, actor=actor)
+            self.listeners["proxy"] = sock
         restart_only = {name: getattr(old, name) for name in result.restart_required}
         self.config = new.model_copy(update=restart_only)  # what runs, not what the file says
         log.info("config reloaded", extra={"changed": list(result.changed), "by": actor})
         return result
 
-    async def _listen(self, config: Config, sock: socket.socket | None = None) -> asyncio.Server:
+    async def _listen(
+        self, config: Config, sock: socket.socket | None = None
+    ) -> tuple[asyncio.Server, socket.socket]:
         """Accept client connections on ``sock`` (inherited) or on a new socket bound to ``listen``."""
         runtime = self.runtime
         if sock is None:
@@ -317,8 +354,7 @@ class App:
         server = await asyncio.get_running_loop().create_server(
             lambda: cast(asyncio.Protocol, ClientConnection(runtime)), sock=sock, backlog=BACKLOG
         )
-        self.listeners["proxy"] = sock
-        return server
+        return server, sock
 
     async def _tick(self) -> None:
         """Once a second: expire idle upstream connections."""
@@ -383,11 +419,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _check_admin_exposure(config: Config) -> None:
-    """Anyone who can reach the admin API can move all traffic: off loopback, it needs a token."""
+def _check_admin_exposure(config: Config, host: str | None = None) -> None:
+    """Anyone who can reach the admin API can move all traffic: off loopback, it needs a token.
+
+    ``host``: the address an inherited admin socket really listens on (it wins over the config's).
+    """
     if config.admin.tokens:
         return
-    host = config.admin.listen.host
+    where = f"admin.listen: {config.admin.listen}" if host is None else f"the inherited admin socket ({host})"
+    host = config.admin.listen.host if host is None else host
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -395,7 +435,7 @@ def _check_admin_exposure(config: Config) -> None:
     if not loopback:
         raise ConfigError(
             [
-                f"admin.listen: {config.admin.listen} is not a loopback address and admin.tokens is empty; "
+                f"{where} is not a loopback address and admin.tokens is empty; "
                 "set a token (e.g. BGPROXY_ADMIN_TOKEN) or listen on 127.0.0.1"
             ]
         )

@@ -94,23 +94,23 @@ async def _serve(
                 {c: [(u.host, u.port) for u in config.pools.get(c).upstreams] for c in COLORS}
             )
         try:
-            await app.start(inherited)
+            await app.start(inherited, taking_over=ready is not None)
         except BaseException as exc:
             if ready is not None:
                 ready.abort(f"the new bgproxy failed to start: {exc}")
             raise
+        stop = asyncio.Event()
         if ready is not None:
             try:
                 await asyncio.to_thread(ready)
-                logging.getLogger("bgproxy").info(
-                    "took over the listeners", extra={"from_pid": ready.old_pid}
-                )
-            except TakeoverError as exc:  # both accept on the same sockets: nothing is lost, say so
-                logging.getLogger("bgproxy").error("takeover not confirmed: %s", exc)
+                app.took_over()
+            except TakeoverError as exc:
+                # The old process keeps (or took back) the state: drain what we accepted and leave.
+                logging.getLogger("bgproxy").error("takeover not confirmed, stopping: %s", exc)
+                stop.set()
         if demo:
             admin = config.admin.listen
             print(banner(f"http://{config.listen.host}:{app.proxy_port}", f"http://{admin}"), flush=True)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _second_signal_exits, stop)
@@ -122,7 +122,7 @@ async def _serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        if config.runtime_socket is not None:
+        if config.runtime_socket is not None and not stop.is_set():
             takeover = _takeover_server(app, config.runtime_socket, stop)
             try:
                 await takeover.start()
@@ -143,8 +143,8 @@ def _takeover_server(app: App, path: Path, stop: asyncio.Event) -> TakeoverServe
     """Hands this process's listeners to `bgproxy run --takeover`; from the moment the new process
     starts reading the state file this one takes no change, and once it accepts, this one drains."""
 
-    def begin() -> None:
-        app.controller.frozen = "a new bgproxy is taking over; make changes on it"
+    async def begin() -> None:
+        await app.controller.freeze("a new bgproxy is taking over; make changes on it")
 
     def abandoned() -> None:
         app.controller.frozen = None
@@ -314,6 +314,8 @@ def _what(event: dict[str, Any]) -> str:
     if kind == "pool":
         moves = [f"+{a}" for a in event["added"]] + [f"-{a}" for a in event["removed"]]
         return f"pool {event['color']}: {' '.join(moves)} (by {event['source']})"
+    if kind == "rollout":
+        return f"rollout {event['id']} {event['state']} at step {event['step'] + 1} ({event['weight']}%)"
     if event["ok"]:
         return f"config reloaded: {', '.join(event['changed']) or 'no change'}"
     return f"config reload refused: {'; '.join(event['errors'])}"

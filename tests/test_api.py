@@ -181,7 +181,7 @@ async def test_flip_moves_the_next_request_and_is_audited(admin: Admin, http: ai
         "updated_at": state["updated_at"],
         "pools": None,
         "rollouts": [],
-        "format": 2,
+        "format": 3,
     }
     # No body at all is a flip too: back to blue, the total weight kept.
     status, state, _ = await admin.call("POST", "/v1/flip")
@@ -483,7 +483,7 @@ async def test_concurrent_changes_get_one_gapless_version_sequence(admin: Admin)
         "updated_at": final["updated_at"],
         "pools": None,
         "rollouts": [],
-        "format": 2,
+        "format": 3,
     }
     loaded = FileStateBackend(admin.proxy.app.config.state_file).load()
     assert loaded is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -262,3 +263,30 @@ async def test_a_takeover_under_load_drops_no_request(tmp_path: Path) -> None:
             finally:
                 old.kill()
                 new.kill()
+
+
+async def test_concurrent_membership_changes_compose(make_proxy) -> None:
+    """Each change is planned from the live list under the lock: none undoes another."""
+    async with (
+        origin("blue", name="b1") as b1,
+        origin("blue", name="b2") as b2,
+        origin("blue", name="b3") as b3,
+        origin("green") as green,
+    ):
+        proxy = await make_proxy([b1.addr], [green.addr])
+        url = proxy.admin_url
+        answers = await asyncio.gather(
+            api(url, "POST", "/v1/pools/blue/upstreams", {"upstream": b2.addr}),
+            api(url, "POST", "/v1/pools/blue/upstreams", {"upstream": b3.addr}),
+        )
+        assert [status for status, _ in answers] == [200, 200]
+        assert sorted(pool(proxy, "blue")) == sorted([b1.addr, b2.addr, b3.addr])
+        answers = await asyncio.gather(
+            api(url, "DELETE", f"/v1/pools/blue/upstreams/{b1.addr}"),
+            api(url, "DELETE", f"/v1/pools/blue/upstreams/{b2.addr}"),
+        )
+        assert [status for status, _ in answers] == [200, 200]
+        assert pool(proxy, "blue") == [b3.addr]
+        assert all(up.available for up in proxy.app.runtime.pools["blue"].upstreams)
+        saved = json.loads(proxy.app.config.state_file.read_text())
+        assert saved["pools"]["blue"]["upstreams"] == [b3.addr] and saved["version"] == 4

@@ -273,14 +273,20 @@ async def _check_every_answer(
     writable()
     await c.call("POST", "/v1/rollouts", 201, {"to": "blue", "step_pause": "1h"})
     unwritable()
-    for path in (actions[0], actions[2], actions[3]):
+    for path in (actions[0], actions[2]):
         await c.call("POST", path, 500)
         assert runner.current is not None and runner.current.state == "running"  # as it was
+    # An abort that moves weight back is routed first and saved after (a full disk must not keep
+    # traffic on the candidate); one before any weight moved has only the state to save.
     writable()
     await c.call("POST", actions[0], 200)
     unwritable()
     await c.call("POST", actions[1], 500)
     assert runner.current is not None and runner.current.state == "paused"
+
+    await _abort_of_a_pending_rollout_is_500_when_unsaved(
+        make_proxy, http, doc, c, blue, green, state_dir.parent
+    )
 
     proxy.app.shutting_down = True  # what stop() sets first; /readyz must say so
     await c.call("GET", "/readyz", 503, token=None)
@@ -289,3 +295,38 @@ async def _check_every_answer(
         (p, m, s) for p, ops in doc["paths"].items() for m, op in ops.items() for s in op["responses"]
     }
     assert c.seen == documented
+
+
+async def _abort_of_a_pending_rollout_is_500_when_unsaved(
+    make_proxy: MakeProxy,
+    http: aiohttp.ClientSession,
+    doc: dict[str, Any],
+    c: Checker,
+    blue: str,
+    green: str,
+    tmp_path: Path,
+) -> None:
+    """A rollout waiting on a pre_rollout gate that never answers; its state file then breaks."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = silent.sockets[0].getsockname()[1]
+    state_dir = tmp_path / "pending"
+    state_dir.mkdir()
+    hook = {"name": "gate", "type": "pre_rollout", "url": f"http://127.0.0.1:{port}/", "timeout": 30}
+    proxy = await make_proxy(
+        blue=[blue],
+        green=[green],
+        admin={"listen": "127.0.0.1:0", "tokens": {"ops": TOKEN}},
+        state_file=str(state_dir / "state.json"),
+        events_file=str(tmp_path / "pending-events.jsonl"),
+        rollout={"webhooks": [hook]},
+    )
+    other = Checker(http, proxy, doc)
+    started = await other.call("POST", "/v1/rollouts", 201, {"to": "green"})
+    assert started["state"] == "pending"
+    (state_dir / "state.json").unlink()
+    state_dir.rmdir()
+    state_dir.write_text("")
+    await other.call("POST", "/v1/rollouts/current/abort", 500)
+    assert proxy.app.rollouts.current is not None and proxy.app.rollouts.current.state == "pending"
+    c.seen |= other.seen
+    silent.close()

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from upstreams import closed_port, origin
+from waiting import eventually
 
 from bgproxy.app import App
 from bgproxy.config import load_config
@@ -233,11 +234,12 @@ async def test_a_restart_mid_rollout_resumes_at_the_same_step(make_proxy) -> Non
         again = App(load_config(proxy.config_path, environ={}))
         await again.start()
         try:
+            assert again.controller.holder is not None  # operators need force from the first moment
+            await eventually(lambda: again.rollouts.current.decisions[-1].action == "restart")  # type: ignore[union-attr]
             r = again.rollouts.current
             assert r is not None and r.state == "running" and r.step == 0
             assert again.switchboard.weights == Weights(90, 10)
-            assert r.decisions[-1].action == "restart"
-            assert again.controller.holder == r.id  # operators still need force
+            assert again.controller.holder == r.id
         finally:
             await again.stop()
 

@@ -27,6 +27,16 @@ GOOD = {
 }
 
 
+def test_older_formats_are_read_as_having_no_rollouts_or_pools(tmp_path: Path) -> None:
+    """A file written by an older bgproxy (format 1, or 2 before pools) must not stop an upgrade."""
+    store = FileStateBackend(tmp_path / "state.json")
+    for older in (GOOD, {**GOOD, "format": 2, "rollouts": [{"id": "r-1"}]}):
+        store.path.write_text(json.dumps(older))
+        state = store.load()
+        assert state is not None and state.version == 7 and state.pools is None
+        assert state.rollouts == tuple(older.get("rollouts", []))
+
+
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
     store = FileStateBackend(tmp_path / "state.json")
     assert store.load() is None  # first start: no file yet
@@ -40,7 +50,7 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
         "updated_at": "2024-05-01T12:00:00.123456Z",
         "pools": None,
         "rollouts": [],
-        "format": 2,
+        "format": 3,
     }
 
 
@@ -76,20 +86,22 @@ def test_failed_save_names_the_file_and_keeps_the_old_state(tmp_path: Path) -> N
         (b'{"weights": ', "not valid JSON: Expecting value: line 1 column 13"),
         (b"\xff\xfe\x00garbage", "not UTF-8 text: invalid start byte at byte 0"),
         (b"[1, 2]", "top level must be a JSON object, got list"),
-        (json.dumps({**GOOD, "format": 3}).encode(), "format must be 1 or 2 (got 3)"),
-        (json.dumps({**GOOD, "format": 2}).encode(), "missing key 'pools'"),
+        (json.dumps({**GOOD, "format": 4}).encode(), "format must be 1 to 3 (got 4)"),
+        (json.dumps({**GOOD, "format": 3, "rollouts": []}).encode(), "missing key 'pools'"),
+        (json.dumps({**GOOD, "format": 2}).encode(), "missing key 'rollouts'"),
         (json.dumps({**GOOD, "rollouts": []}).encode(), "unknown key 'rollouts'"),
+        (json.dumps({**GOOD, "format": 2, "pools": None, "rollouts": []}).encode(), "unknown key 'pools'"),
         (
-            json.dumps({**GOOD, "format": 2, "pools": None, "rollouts": [1]}).encode(),
+            json.dumps({**GOOD, "format": 3, "pools": None, "rollouts": [1]}).encode(),
             "rollouts must be a list of JSON objects",
         ),
         (
-            json.dumps({**GOOD, "format": 2, "pools": [], "rollouts": []}).encode(),
+            json.dumps({**GOOD, "format": 3, "pools": [], "rollouts": []}).encode(),
             "pools must be a JSON object",
         ),
         (
             json.dumps({k: v for k, v in GOOD.items() if k != "format"}).encode(),
-            "format must be 1 or 2 (got None)",
+            "format must be 1 to 3 (got None)",
         ),
         (json.dumps({**GOOD, "extra": 1}).encode(), "unknown key 'extra'"),
         (json.dumps({k: v for k, v in GOOD.items() if k != "version"}).encode(), "missing key 'version'"),

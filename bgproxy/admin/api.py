@@ -381,10 +381,12 @@ class _Api:
         return web.json_response(DrainWaitView(color=color, idle=True).model_dump(mode="json"))  # type: ignore[arg-type]
 
     async def get_events(self, request: web.Request) -> web.Response:
-        events = [
-            EventView.model_validate(e).model_dump(mode="json", exclude_unset=True)
-            for e in self.app.audit.events()
-        ]
+        events = []
+        for entry in self.app.audit.events():
+            try:
+                events.append(EventView.model_validate(entry).model_dump(mode="json", exclude_unset=True))
+            except ValidationError:  # a kind this version does not know (a newer one wrote it): skip it
+                continue
         return web.json_response({"events": events})
 
     async def start_rollout(self, request: web.Request) -> web.Response:
@@ -431,6 +433,8 @@ class _Api:
             raise ApiError(409, str(exc), ["nothing was changed"]) from None
         except Frozen as exc:
             raise ApiError(503, str(exc)) from None
+        except SwitchError as exc:  # a promotion whose flip probe failed
+            raise ApiError(409, str(exc), ["nothing was changed"]) from None
         except StateFileError as exc:
             log.error("could not persist a rollout: %s", exc)
             raise ApiError(500, "could not save the change", [str(exc)]) from None

@@ -262,13 +262,13 @@ class StateView(_Model):
 
 
 class EventView(_Model):
-    """One entry of the audit log: a switch, a pool membership change or a reload.
+    """One entry of the audit log: a switch, a pool membership change, a reload or a rollout's state.
 
     The fields after ``reason`` are those of its kind; the others are absent.
     """
 
     time: Timestamp
-    kind: Literal["switch", "pool", "reload"]
+    kind: Literal["switch", "pool", "reload", "rollout"]
     actor: str = Field(description='Name of the admin token used, "local" without tokens, or who else acted.')
     reason: str | None
     version: int | None = Field(default=None, description="switch, pool: the state version it made.")
@@ -283,6 +283,11 @@ class EventView(_Model):
     errors: list[str] | None = Field(default=None, description="reload")
     changed: list[str] | None = Field(default=None, description="reload")
     restart_required: list[str] | None = Field(default=None, description="reload")
+    id: str | None = Field(default=None, description="rollout")
+    state: str | None = Field(default=None, description="rollout: the state it entered.")
+    step: int | None = Field(default=None, description="rollout: the step index; -1 before the first.")
+    weight: int | None = Field(default=None, description="rollout: the candidate's percentage then.")
+    rule: str | None = Field(default=None, description="rollout: the rule that rolled it back.")
 
 
 class EventsView(_Model):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.colors import Color
@@ -23,7 +24,7 @@ from ..dataplane.routing import RouteTable
 from ..dataplane.runtime import Runtime
 from .audit import AuditLog, AuditLogError, switch_event
 from .drain import Drainer
-from .state import PersistedState, StateBackend
+from .state import PersistedState, StateBackend, StateFileError
 
 log = logging.getLogger("bgproxy.control")
 
@@ -31,6 +32,15 @@ Change = Callable[[Switchboard, float], SwitchResult]
 # Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
 Guard = Callable[[Weights, Weights], Awaitable[None]]
 Records = tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """A membership change ready to commit: the run-time intent to persist, the swap, the audit event."""
+
+    pools: dict[str, Any] | None
+    apply: Callable[[], None]
+    event: dict[str, Any]
 
 
 class Frozen(SwitchError):
@@ -126,8 +136,14 @@ class Controller:
         force: bool = False,
         owner: str | None = None,
         rollouts: Records | None = None,
+        urgent: bool = False,
     ) -> SwitchResult:
-        """``owner``: the rollout making the change; ``rollouts``: its records, saved with the weights."""
+        """``owner``: the rollout making the change; ``rollouts``: its records, saved with the weights.
+
+        ``urgent`` (a rollback): routed first, saved after, and a failed write is logged, not a
+        refusal: a full disk must not keep failing traffic on the candidate. A crash before the write
+        resumes the rollout at its step, which then rolls back again on fresh evidence.
+        """
 
         def change(board: Switchboard, now: float) -> SwitchResult:
             return board.set_weights(
@@ -139,52 +155,54 @@ class Controller:
                 drain_timeout=drain_timeout,
             )
 
-        return await self._run(change, force, owner, rollouts)
+        return await self._run(change, force, owner, rollouts, urgent)
 
     async def probe(self, before: Weights, after: Weights) -> None:
         """Run the flip guard for a planned change without making it (a rollout's start asks this)."""
         if self._guard is not None:
             await self._guard(before, after)
 
-    async def save_rollouts(self, rollouts: Records, holder: str | None) -> None:
-        """Persist rollout records (with the weights as they are) and say which rollout holds the switch."""
+    async def save_rollouts(self, rollouts: Records, *, release: bool = False) -> None:
+        """Persist rollout records (with the weights as they are); ``release``: the rollout ended, so
+        nobody holds the switch. Never takes the switch: only a rollout's start does."""
         async with self._lock:
             self._check_open()
             board = self.switchboard
             state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
             await asyncio.to_thread(self.store.save, state)
             self.rollouts = rollouts
-            self.holder = holder
+            if release:
+                self.holder = None
 
     async def commit_pools(
-        self,
-        pools: dict[str, Any] | None,
-        apply: Callable[[], None],
-        *,
-        expected_version: int | None = None,
-        check: Callable[[], None] | None = None,
-        event: dict[str, Any] | None = None,
+        self, plan: Callable[[], Awaitable[PoolPlan | None]], *, expected_version: int | None = None
     ) -> int:
-        """A membership change: checked, persisted with one more version, then applied; returns the version.
+        """A membership change, planned from the live pools under the lock (so two changes cannot
+        both plan from the same list), persisted with one more version, applied; returns the version.
 
-        ``check`` runs under the lock and raises to refuse; ``apply`` must not fail (it swaps lists).
+        ``plan`` raises to refuse, returns None for no change; its ``apply`` must not fail.
         """
         async with self._lock:
             self._check_open()
             board = self.switchboard
             if expected_version is not None and expected_version != board.version:
                 raise VersionConflict(expected_version, board.version)
-            if check is not None:
-                check()
+            planned = await plan()
+            if planned is None:
+                return board.version
             now = time.time()
-            planned = PersistedState(board.weights, board.version + 1, now, self.rollouts, pools)
-            await asyncio.to_thread(self.store.save, planned)
+            state = PersistedState(board.weights, board.version + 1, now, self.rollouts, planned.pools)
+            await asyncio.to_thread(self.store.save, state)
             version = board.touch(now)
-            self.pools = pools
-            apply()
-            if event is not None:
-                await self.record({**event, "version": version})
+            self.pools = planned.pools
+            planned.apply()
+            await self.record({**planned.event, "version": version})
             return version
+
+    async def freeze(self, why: str) -> None:
+        """Take no change from now on, once any change in progress is written (its lock released)."""
+        async with self._lock:
+            self.frozen = why
 
     def _check_open(self) -> None:
         if self.frozen is not None:
@@ -200,7 +218,12 @@ class Controller:
             log.error("could not write the audit log: %s", exc)
 
     async def _run(
-        self, change: Change, force: bool, owner: str | None = None, rollouts: Records | None = None
+        self,
+        change: Change,
+        force: bool,
+        owner: str | None = None,
+        rollouts: Records | None = None,
+        urgent: bool = False,
     ) -> SwitchResult:
         """Persist, apply, record in the audit log; returns with no await after releasing the lock, so
         the caller can read the state its change made.
@@ -232,8 +255,9 @@ class Controller:
             planned = PersistedState(
                 preview.event.to_weights, preview.event.version, now, records, self.pools
             )
-            # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
-            await asyncio.to_thread(self.store.save, planned)
+            if not urgent:
+                # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
+                await asyncio.to_thread(self.store.save, planned)
             # Same weights and version as the scratch copy, so the live apply cannot be refused.
             result = change(board, now)
             event = result.event
@@ -257,5 +281,10 @@ class Controller:
                 self.holder = None  # forced past a rollout: it sees this on its next tick and ends
             self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
+            if urgent:
+                try:
+                    await asyncio.to_thread(self.store.save, planned)
+                except StateFileError as exc:
+                    log.error("a rollback is live but could not be saved: %s", exc)
             await self.record(switch_event(event))
             return result

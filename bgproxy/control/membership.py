@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import HostPort
@@ -25,7 +25,7 @@ from ..core.errors import SwitchError
 from ..dataplane.pool import Upstream
 from ..dataplane.runtime import Runtime
 from .audit import audit_event
-from .controller import Controller
+from .controller import Controller, PoolPlan
 from .drain import Drainer
 from .health import FlipGuard, HealthMonitor
 
@@ -130,34 +130,58 @@ class Membership:
         return [up.addr for up in self.runtime.pools[color].upstreams]
 
     async def add(self, color: Color, addr: str, how: How) -> Change:
-        current = self.members(color)
-        if str(parse_upstreams([addr])[0]) in current:
-            raise SwitchError(f"{addr} is already an upstream of {color}; nothing changed")
-        return await self.replace(color, [*current, addr], how)
+        key = str(parse_upstreams([addr])[0])
+
+        def edit(live: list[str]) -> list[str]:
+            if key in live:
+                raise SwitchError(f"{addr} is already an upstream of {color}; nothing changed")
+            return [*live, key]
+
+        return await self._change(color, edit, how)
 
     async def remove(self, color: Color, addr: str, how: How) -> Change:
-        current = self.members(color)
         key = str(parse_upstreams([addr])[0])
-        if key not in current:
-            raise NotMember(f"{addr} is not an upstream of {color}")
-        return await self.replace(color, [a for a in current if a != key], how)
 
-    async def replace(self, color: Color, addrs: Sequence[str], how: How) -> Change:
-        """Make ``addrs`` the color's upstreams. SwitchError (409) if refused; nothing changes then."""
-        color = check_color(color)
+        def edit(live: list[str]) -> list[str]:
+            if key not in live:
+                raise NotMember(f"{addr} is not an upstream of {color}")
+            return [a for a in live if a != key]
+
+        return await self._change(color, edit, how)
+
+    async def replace(
+        self, color: Color, addrs: Sequence[str], how: How, *, config_list: list[str] | None = None
+    ) -> Change:
+        """Make ``addrs`` the color's upstreams. SwitchError (409) if refused; nothing changes then.
+
+        ``config_list``: the file's list this change is measured against (a reload's new one).
+        """
         wanted = [str(hp) for hp in parse_upstreams(addrs)]
-        pool = self.runtime.pools[color]
-        by_addr = {up.addr: up for up in pool.upstreams}
-        added = [a for a in wanted if a not in by_addr]
-        removed = [up for up in pool.upstreams if up.addr not in wanted]
-        version = self._controller.switchboard.version
-        if not added and not removed:
-            return Change(color, (), (), tuple(wanted), version)
-        fresh = {a: _upstream(color, a, self.max_idle[color]) for a in added}
-        if fresh and not how.force:
-            await self._guard.admit(color, list(fresh.values()))
+        return await self._change(color, lambda live: wanted, how, config_list)
 
-        def check() -> None:
+    async def _change(
+        self,
+        color: Color,
+        edit: Callable[[list[str]], list[str]],
+        how: How,
+        config_list: list[str] | None = None,
+    ) -> Change:
+        """Plan from the live list under the Controller's lock, so concurrent changes compose."""
+        color = check_color(color)
+        pool = self.runtime.pools[color]
+        planned: list[Change] = []
+
+        async def plan() -> PoolPlan | None:
+            by_addr = {up.addr: up for up in pool.upstreams}
+            wanted = edit(list(by_addr))
+            added = [a for a in wanted if a not in by_addr]
+            removed = [up for up in pool.upstreams if up.addr not in wanted]
+            planned.append(Change(color, tuple(added), tuple(u.addr for u in removed), tuple(wanted), 0))
+            if not added and not removed:
+                return None
+            fresh = {a: _upstream(color, a, self.max_idle[color]) for a in added}
+            if fresh and not how.force:
+                await self._guard.admit(color, list(fresh.values()))
             weight = self._controller.switchboard.weights.of(color)
             if not wanted and weight and not how.force:
                 raise SwitchError(
@@ -165,48 +189,50 @@ class Membership:
                     'nothing changed. Send "force": true to remove it anyway.'
                 )
 
-        def apply() -> None:
-            pool.replace([by_addr.get(a) or fresh[a] for a in wanted])
-            for up in removed:
-                up.retire()
-                self._health.unwatch(up)
-                self._drainer.drain_upstream(up, self.drain_timeout)
-            for up in fresh.values():
-                self._health.watch(up)
+            def apply() -> None:
+                pool.replace([by_addr.get(a) or fresh[a] for a in wanted])
+                for up in removed:
+                    up.retire()
+                    self._health.unwatch(up)
+                    self._drainer.drain_upstream(up, self.drain_timeout)
+                for up in fresh.values():
+                    self._health.watch(up)
 
-        intent = dict(self._controller.pools or {})
-        if wanted == self.config_lists[color]:
-            intent.pop(color, None)  # back to what the file says: nothing to remember
-        else:
-            intent[color] = {"upstreams": wanted, "config": self.config_lists[color]}
-        event = audit_event(
-            "pool",
-            at=time.time(),
-            actor=how.actor,
-            reason=how.reason,
-            color=color,
-            added=added,
-            removed=[up.addr for up in removed],
-            upstreams=wanted,
-            source=how.source,
-        )
-        version = await self._controller.commit_pools(
-            intent or None, apply, expected_version=how.expected_version, check=check, event=event
-        )
-        change = Change(color, tuple(added), tuple(up.addr for up in removed), tuple(wanted), version)
-        log.info(
-            "pool membership changed",
-            extra={
-                "color": color,
-                "added": list(change.added),
-                "removed": list(change.removed),
-                "upstreams": wanted,
-                "version": version,
-                "actor": how.actor,
-                "reason": how.reason,
-                "source": how.source,
-            },
-        )
+            file_list = self.config_lists[color] if config_list is None else config_list
+            intent = dict(self._controller.pools or {})
+            if wanted == file_list:
+                intent.pop(color, None)  # back to what the file says: nothing to remember
+            else:
+                intent[color] = {"upstreams": wanted, "config": file_list}
+            event = audit_event(
+                "pool",
+                at=time.time(),
+                actor=how.actor,
+                reason=how.reason,
+                color=color,
+                added=added,
+                removed=[up.addr for up in removed],
+                upstreams=wanted,
+                source=how.source,
+            )
+            return PoolPlan(intent or None, apply, event)
+
+        version = await self._controller.commit_pools(plan, expected_version=how.expected_version)
+        change = replace(planned[-1], version=version)
+        if change.added or change.removed:
+            log.info(
+                "pool membership changed",
+                extra={
+                    "color": color,
+                    "added": list(change.added),
+                    "removed": list(change.removed),
+                    "upstreams": list(change.upstreams),
+                    "version": version,
+                    "actor": how.actor,
+                    "reason": how.reason,
+                    "source": how.source,
+                },
+            )
         return change
 
 

@@ -24,7 +24,7 @@ from .rollout import RolloutRunner
 log = logging.getLogger("bgproxy.reload")
 
 # Sections a running process cannot take over: they are reported, and apply at the next start.
-RESTART_ONLY = ("admin", "metrics", "state_file", "logging")
+RESTART_ONLY = ("admin", "metrics", "state_file", "events_file", "runtime_socket", "logging")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +65,23 @@ class Parts:
 
 
 async def apply(old: Config, new: Config, parts: Parts, *, actor: str) -> ReloadResult:
-    """Swap every section that changed (but the restart-only ones). Membership changes the file makes
-    are forced: the file is the operator's newest intent, and a refused half-reload would be worse."""
+    """Swap every section that changed (but the restart-only ones).
+
+    Pools go first, since only they can fail (each is persisted): a failure there raises before any
+    other setting has changed. Membership changes the file makes are forced: the file is the
+    operator's newest intent, and a reload refused halfway would be worse.
+    """
     changed = changed_sections(old, new)
     controller, membership = parts.controller, parts.membership
     runtime = membership.runtime
+    replaced: dict[str, list[str]] = {}
+    lists = config_lists(new)
+    for color in COLORS:
+        if lists[color] != membership.config_lists[color]:
+            how = How(actor, "config reload", force=True, source="reload")
+            change = await membership.replace(color, lists[color], how, config_list=lists[color])
+            membership.config_lists[color] = lists[color]
+            replaced[color] = list(change.upstreams)
     runtime.settings = dataplane_settings(new)
     if new.sticky != old.sticky:
         controller.sticky = sticky_policy(new)
@@ -81,8 +93,6 @@ async def apply(old: Config, new: Config, parts: Parts, *, actor: str) -> Reload
     parts.health.reconfigure(checks, {c: outlier_policy(new, c) for c in COLORS})
     parts.guard.reconfigure(checks, new.flip_probe)
     parts.rollouts.reconfigure(new.rollout)
-    replaced: dict[str, list[str]] = {}
-    lists = config_lists(new)
     for color in COLORS:
         pc = new.pools.get(color)
         pool = runtime.pools[color]
@@ -90,11 +100,6 @@ async def apply(old: Config, new: Config, parts: Parts, *, actor: str) -> Reload
         membership.max_idle[color] = pc.max_idle_per_upstream
         for up in pool.upstreams:
             up.max_idle = pc.max_idle_per_upstream
-        if lists[color] != membership.config_lists[color]:
-            membership.config_lists[color] = lists[color]
-            how = How(actor, "config reload", force=True, source="reload")
-            change = await membership.replace(color, lists[color], how)
-            replaced[color] = list(change.upstreams)
     runtime.install(route_table(controller.switchboard, controller.sticky, controller.preview))
     restart = [name for name in changed if name in RESTART_ONLY]
     if restart:

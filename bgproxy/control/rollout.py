@@ -44,6 +44,7 @@ from ..core.rollout import (
 )
 from ..core.weights import Weights
 from ..dataplane.stats import ColorStats, Stats
+from .audit import audit_event
 from .configure import error_matcher, webhooks
 from .controller import Controller
 from .webhooks import Webhooks
@@ -52,6 +53,7 @@ log = logging.getLogger("bgproxy.rollout")
 
 TICK = 0.05  # seconds between looks at the counters; the issue asks for at least every 100 ms
 HISTORY = 20  # rollouts kept (and persisted), newest last
+GATE_RETRY = 1.0  # seconds before a gate whose answer could not be applied is asked again
 
 
 def color_counts(stats: ColorStats, is_error: Callable[[int], bool]) -> Counts:
@@ -68,7 +70,9 @@ def color_counts(stats: ColorStats, is_error: Callable[[int], bool]) -> Counts:
     for status, n in stats.broken.items():
         if not is_error(status):
             errors += n
-    return Counts(requests, errors, tuple(stats.duration_counts))
+    # Latency is the time to the upstream's response head: a long download, a server-sent event
+    # stream or a WebSocket is long by design, not slow.
+    return Counts(requests, errors, tuple(stats.header_counts))
 
 
 class RolloutRunner:
@@ -87,6 +91,9 @@ class RolloutRunner:
         self._is_error = error_matcher(config)
         self._webhooks = webhooks(config)
         self._retired: list[Webhooks] = []
+        self._resume = False  # a rollout restored from the state file waits for its first tick
+        self._forced: tuple[str, int] | None = None  # (rollout, step) whose weights skip the flip probe
+        self._next_is_error: Callable[[int], bool] | None = None  # after a reload, for the next rollout
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._gates: set[asyncio.Task[None]] = set()
@@ -105,10 +112,6 @@ class RolloutRunner:
         current = self.current
         return current if current is not None and not current.done else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._stats.enabled
-
     def observe(self) -> Observation:
         colors = self._stats.colors
         return Observation(
@@ -120,21 +123,23 @@ class RolloutRunner:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start_loop(self) -> None:
-        """Resume a rollout that was running when the process stopped, then tick."""
+        """Tick; a rollout that was running when the process stopped resumes on the first tick the
+        state is ours (at once, or once a takeover is confirmed)."""
         running = self.running
         if running is not None:
-            async with self._lock:
-                self._controller.holder = running.id
-                r, commands = resumed(running, self.observe(), time.time())
-                log.warning("resuming rollout %s at step %d after a restart", r.id, r.step + 1)
-                await self._apply(r, commands)
+            self._controller.holder = running.id
+            self._resume = True
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def reconfigure(self, config: RolloutConfig) -> None:
         """A reload's defaults, error statuses and webhooks: for rollouts started from now on and for
         the gates and notices of the running one; calls already on their way finish on the old hooks."""
         self.config = config
-        self._is_error = error_matcher(config)
+        # A running rollout keeps counting errors as it began: its baseline was counted that way.
+        if self.running is None:
+            self._is_error = error_matcher(config)
+        else:
+            self._next_is_error = error_matcher(config)
         self._retired.append(self._webhooks)
         self._webhooks = webhooks(config)
 
@@ -166,6 +171,11 @@ class RolloutRunner:
             if r is None:
                 return
             now = time.time()
+            if self._resume:
+                log.warning("resuming rollout %s at step %d after a restart", r.id, r.step + 1)
+                await self._apply(*resumed(r, self.observe(), now))
+                self._resume = False
+                return
             if self._controller.holder != r.id:
                 await self._apply(*on_overridden(r, "an operator", now))
             else:
@@ -187,6 +197,8 @@ class RolloutRunner:
                 )
             if not self._stats.enabled:
                 raise SwitchError("rollouts judge the request counters: set metrics.enabled: true")
+            if self._next_is_error is not None:
+                self._is_error, self._next_is_error = self._next_is_error, None
             if self._controller.holder is not None:
                 raise SwitchError(f"rollout {self._controller.holder} still holds the switch")
             weights = self._controller.switchboard.weights
@@ -205,8 +217,9 @@ class RolloutRunner:
             except RolloutError as exc:
                 raise SwitchError(str(exc)) from None
             self._controller.holder = r.id
+            self._forced = (r.id, 0) if force else None
             try:
-                await self._apply(r, commands, new=True)
+                await self._apply(r, commands, new=True, actor=actor)
             except BaseException:
                 self._controller.holder = None
                 raise
@@ -220,7 +233,14 @@ class RolloutRunner:
             r = self.current
             if r is None:
                 raise LookupError("no rollout has run")
-            await self._apply(*on_operator(r, action, self.observe(), time.time(), actor=actor))
+            if not r.done and self._controller.holder != r.id:  # a forced change took the switch
+                await self._apply(*on_overridden(r, "an operator", time.time()))
+                r = self.current
+                assert r is not None
+            if action == "promote" and not r.done and r.weight < 100:
+                weights = self._controller.switchboard.weights
+                await self._controller.probe(weights, Weights(**{r.candidate: 100, r.stable: 0}))
+            await self._apply(*on_operator(r, action, self.observe(), time.time(), actor=actor), actor=actor)
             current = self.current
             assert current is not None
             return current
@@ -230,7 +250,9 @@ class RolloutRunner:
     def _records(self) -> tuple[dict[str, Any], ...]:
         return tuple(to_record(r) for r in self.history)
 
-    async def _apply(self, r: Rollout, commands: list[Command], *, new: bool = False) -> None:
+    async def _apply(
+        self, r: Rollout, commands: list[Command], *, new: bool = False, actor: str | None = None
+    ) -> None:
         """Make ``r`` current: persist it (with its weights, if it sets any), then act on it.
 
         Called with the lock held. If the write fails, the previous rollout state is put back, so a
@@ -251,7 +273,7 @@ class RolloutRunner:
                         return
             changed = before is None or r.state != before.state or r.decisions != before.decisions
             if not saved and (changed or r.done):
-                await self._controller.save_rollouts(self._records(), None if r.done else r.id)
+                await self._controller.save_rollouts(self._records(), release=r.done)
             elif r.done:
                 self._controller.holder = None
         except BaseException:
@@ -260,6 +282,20 @@ class RolloutRunner:
             else:
                 self.history[-1] = before
             raise
+        if before is None or r.state != before.state:
+            await self._controller.record(
+                audit_event(
+                    "rollout",
+                    at=r.updated_at,
+                    actor=actor or f"rollout {r.id}",
+                    reason=r.decisions[-1].reason if r.decisions else r.reason,
+                    id=r.id,
+                    state=r.state,
+                    step=r.step,
+                    weight=r.weight,
+                    rule=r.rule,
+                )
+            )
         for command in commands:
             if isinstance(command, CallGate):
                 self._spawn_gate(r, command.kind)
@@ -284,6 +320,7 @@ class RolloutRunner:
         """Apply a step's weights: (the flip-probe refusal text, or None; whether the records were saved)."""
         share = {r.candidate: command.candidate, r.stable: 100 - command.candidate}
         weights = self._controller.switchboard.weights
+        toward_stable = command.candidate / 100 < weights.of(r.candidate) / weights.total
         try:
             result = await self._controller.set_weights(
                 Weights(**share),
@@ -291,8 +328,10 @@ class RolloutRunner:
                 reason=command.reason,
                 owner=r.id,
                 rollouts=self._records(),
-                # Weight going back toward stable is never refused; more for the candidate is probed.
-                force=command.candidate / 100 <= weights.of(r.candidate) / weights.total,
+                # Weight going back toward stable is never refused; more for the candidate is probed,
+                # but for a promotion (probed before) and the first step of a rollout started with force.
+                force=toward_stable or r.done or self._forced == (r.id, r.step),
+                urgent=toward_stable,
             )
         except SwitchError as exc:
             if command.candidate == 0 or self._controller.holder != r.id:
@@ -316,9 +355,14 @@ class RolloutRunner:
             r = self.current
             if r is None or r.id != rollout_id:
                 return
-            await self._apply(
-                *on_gate(r, kind, ok, detail, self.observe(), time.time(), on_failure=on_failure)
-            )
+            try:
+                answer = on_gate(r, kind, ok, detail, self.observe(), time.time(), on_failure=on_failure)
+                await self._apply(*answer)
+            except Exception:  # e.g. the state file could not be written: the answer is not lost
+                log.exception(
+                    "rollout %s: gate %s answered but could not be applied; asking again", r.id, kind
+                )
+                asyncio.get_running_loop().call_later(GATE_RETRY, self._spawn_gate, r, kind)
 
     def _payload(self, r: Rollout, kind: str) -> dict[str, Any]:
         return {

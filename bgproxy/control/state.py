@@ -20,10 +20,11 @@ from ..core.jsontext import exact_keys, loads_strict
 from ..core.timefmt import parse_rfc3339, rfc3339
 from ..core.weights import Weights
 
-FORMAT = 2  # 2 added "pools" and "rollouts"; a format 1 file (neither) is still read
+FORMAT = 3  # 2 added "rollouts", 3 added "pools"; older files are still read (as having none)
 _KEYS = {
     1: ("weights", "version", "updated_at", "format"),
-    2: ("weights", "version", "updated_at", "pools", "rollouts", "format"),
+    2: ("weights", "version", "updated_at", "rollouts", "format"),
+    3: ("weights", "version", "updated_at", "pools", "rollouts", "format"),
 }
 
 
@@ -137,7 +138,7 @@ def _decode(data: Any) -> PersistedState:
     version_of_file = data.get("format")
     if isinstance(version_of_file, bool) or version_of_file not in _KEYS:
         raise ValueError(
-            f"format must be 1 or {FORMAT} (got {version_of_file!r}); it may be from another version"
+            f"format must be 1 to {FORMAT} (got {version_of_file!r}); it may be from a newer bgproxy"
         )
     exact_keys(data, _KEYS[version_of_file], "the state")
     rollouts = data.get("rollouts", [])

@@ -50,7 +50,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ class TakeoverServer:
         *,
         timeout: float = 10.0,
         ready_timeout: float = 60.0,
-        on_begin: Callable[[], None] | None = None,
+        on_begin: Callable[[], Awaitable[None] | None] | None = None,
         on_abandoned: Callable[[], None] | None = None,
     ) -> None:
         """``timeout``: per protocol step; ``ready_timeout``: how long the new process may take to start.
@@ -327,7 +327,13 @@ class TakeoverServer:
 
     async def _hand_over(self, conn: socket.socket, who: str, buffer: bytearray) -> None:
         entries, fds = self._describe()
-        _notify(self._on_begin, "on_begin")
+        if self._on_begin is not None:
+            try:
+                begun = self._on_begin()
+                if begun is not None:  # e.g. waits until no state write is in flight
+                    await begun
+            except Exception:
+                log.exception("takeover: on_begin failed")
         try:
             await self._send_and_confirm(conn, who, buffer, entries, fds)
         finally:
