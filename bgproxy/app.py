@@ -398,6 +398,7 @@ class App:
         if started is not None:
             await started.rollouts.stop()
             await started.health.stop()
+            started.drainer.close()
             for conn in list(started.runtime.connections):
                 conn.abort()
             for pool in started.runtime.pools.values():

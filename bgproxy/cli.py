@@ -50,6 +50,7 @@ EXIT_USAGE = 2
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TOKEN_ENV = "BGPROXY_TOKEN"
 _TIMEOUT = 10.0
+_UNREACHABLE_FOR = 60.0  # seconds `rollout start --wait` keeps polling an admin API that does not answer
 _POLL_INTERVAL = 0.5  # seconds between looks at the rollout under `rollout start --wait`
 _WATCH_INTERVAL = 1.0  # seconds between frames of `rollout status --watch`
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
@@ -631,13 +632,30 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
     return EXIT_REFUSED
 
 
+def _poll(args: argparse.Namespace, path: str) -> Any:
+    """GET for a waiting pipeline: the admin API may be away for a while (a restart or a takeover of
+    bgproxy mid-rollout) without the rollout being over, so unreachable is retried for a bound."""
+    deadline = time.monotonic() + _UNREACHABLE_FOR
+    request = _request(args, "GET", path)
+    while True:
+        try:
+            with _OPENER.open(request, timeout=_TIMEOUT) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise _failed(args, request.full_url, exc) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise _failed(args, request.full_url, exc) from None
+            time.sleep(_POLL_INTERVAL)
+
+
 def _wait_for(args: argparse.Namespace, started: dict[str, Any]) -> dict[str, Any]:
     """Poll until the rollout ``started`` is finished, printing each decision as it is made."""
     body = started
     last = body["decisions"][-1] if body["decisions"] else None
     while body["state"] not in TERMINAL:
         time.sleep(_POLL_INTERVAL)
-        body = _call(args, "GET", _CURRENT)
+        body = _poll(args, _CURRENT)
         if body["id"] != started["id"]:  # it finished and another started: find it in the history
             history = _call(args, "GET", "/v1/rollouts")["rollouts"]
             found = next((r for r in history if r["id"] == started["id"]), None)

@@ -519,6 +519,18 @@ class Config(_Section):
     preview: PreviewConfig | None = None
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
+    @model_validator(mode="after")
+    def _p99_within_buckets(self) -> Self:
+        """A max_p99 past the last latency bucket could never be shown exceeded."""
+        top = self.metrics.latency_buckets[-1]
+        limit = self.rollout.max_p99
+        if limit is not None and limit > top:
+            raise ValueError(
+                f"rollout.max_p99 must be at most the last metrics.latency_buckets bound, {top:g}s "
+                f"(got {limit:g})"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- loading
 

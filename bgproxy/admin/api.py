@@ -404,6 +404,8 @@ class _Api:
             raise ApiError(503, str(exc)) from None
         except SwitchError as exc:
             raise ApiError(409, str(exc), ["no rollout was started"]) from None
+        except ValueError as exc:
+            raise ApiError(422, "invalid request body", [f"rollout.{exc}"]) from None
         except StateFileError as exc:
             log.error("could not persist a rollout: %s", exc)
             raise ApiError(500, "could not save the rollout", [str(exc)]) from None

@@ -136,7 +136,7 @@ def preview_policy(config: Config) -> PreviewPolicy | None:
     )
 
 
-def rollout_spec(config: RolloutConfig, gates: frozenset[str] = frozenset()) -> Spec:
+def rollout_spec(config: RolloutConfig) -> Spec:
     """A rollout's settings from the config's ``rollout:`` section (or the API's merge of it)."""
     intervals = [h.interval for h in config.webhooks if h.type == "confirm_promotion"]
     return Spec(

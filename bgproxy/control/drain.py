@@ -104,6 +104,11 @@ class Drainer:
         for ex in left:
             ex.close_at_deadline(CLOSE_GRACE)
 
+    def close(self) -> None:
+        """Stop the drains of removed upstreams (the process is stopping: its connections go anyway)."""
+        for task in list(self._upstream_drains):
+            task.cancel()
+
     async def wait_idle(self, color: str, within: float) -> bool:
         """True once `color` has no open exchange, False if `within` seconds pass first."""
         waiter = self._runtime.idle(color)

@@ -47,7 +47,6 @@ from ..dataplane.stats import ColorStats, Stats
 from .audit import audit_event
 from .configure import error_matcher, webhooks
 from .controller import Controller
-from .webhooks import Webhooks
 
 log = logging.getLogger("bgproxy.rollout")
 
@@ -90,7 +89,6 @@ class RolloutRunner:
         self.config = config
         self._is_error = error_matcher(config)
         self._webhooks = webhooks(config)
-        self._retired: list[Webhooks] = []
         self._resume = False  # a rollout restored from the state file waits for its first tick
         self._forced: tuple[str, int] | None = None  # (rollout, step) whose weights skip the flip probe
         self._next_is_error: Callable[[int], bool] | None = None  # after a reload, for the next rollout
@@ -140,12 +138,13 @@ class RolloutRunner:
             self._is_error = error_matcher(config)
         else:
             self._next_is_error = error_matcher(config)
-        self._retired.append(self._webhooks)
-        self._webhooks = webhooks(config)
+        retired, self._webhooks = self._webhooks, webhooks(config)
+        # Calls already on their way finish on the old hooks; then their session closes.
+        task = asyncio.get_running_loop().create_task(retired.close_when_idle())
+        self._gates.add(task)
+        task.add_done_callback(self._gates.discard)
 
     async def stop(self) -> None:
-        for retired in self._retired:
-            await retired.close()
         tasks = [t for t in (self._task, *self._gates) if t is not None]
         for task in tasks:
             task.cancel()
@@ -197,6 +196,12 @@ class RolloutRunner:
                 )
             if not self._stats.enabled:
                 raise SwitchError("rollouts judge the request counters: set metrics.enabled: true")
+            top = self._stats.colors[to].buckets[-1]
+            if spec.max_p99 is not None and spec.max_p99 > top:
+                raise ValueError(
+                    f"max_p99: must be at most the last metrics.latency_buckets bound, {top:g}s, or the rule "
+                    f"could never fire (got {spec.max_p99:g})"
+                )
             if self._next_is_error is not None:
                 self._is_error, self._next_is_error = self._next_is_error, None
             if self._controller.holder is not None:

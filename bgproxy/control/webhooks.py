@@ -96,10 +96,6 @@ class Webhooks:
         self._notices: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def kinds(self) -> frozenset[str]:
-        """The kinds with at least one hook: a rollout waits only for gates that exist."""
-        return frozenset(hook.kind for hook in self._hooks)
-
     @property
     def pending(self) -> int:
         """Notices still being sent."""
@@ -150,6 +146,14 @@ class Webhooks:
             return
         self._notices.add(task)
         task.add_done_callback(self._notices.discard)
+
+    async def close_when_idle(self) -> None:
+        """Take no more calls, let the notices in flight finish (each bounded by its timeouts and
+        retries), then close: what a reload does with the hooks it replaces."""
+        self._closed = True
+        if self._notices:
+            await asyncio.gather(*self._notices, return_exceptions=True)
+        await self.close()
 
     async def close(self) -> None:
         """Cancel the notices still in flight and close the session."""

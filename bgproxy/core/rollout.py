@@ -10,6 +10,8 @@ counts since the current step began with the anytime-valid bounds of ``core.sequ
 may be checked on every tick. ``confidence`` covers the whole rollout: alpha = 1 - confidence is split
 evenly over the steps and the rules in force, so a candidate sitting exactly at every threshold is
 rolled back falsely with probability at most alpha, however long it runs and however often it is looked at.
+A restart opens a fresh test at the same step (the counters are per process): each restart during a step
+adds at most that step's share again.
 
 - absolute: the candidate's error ratio is shown above ``max_error_ratio`` (its lower bound is past it);
 - relative: the candidate's lower bound exceeds the stable color's upper bound, over the same period,
@@ -171,7 +173,8 @@ class Counts:
     latency: tuple[int, ...] = ()
 
     def since(self, base: Counts) -> Counts:
-        latency = tuple(a - b for a, b in zip(self.latency, base.latency, strict=False)) or self.latency
+        before = base.latency or (0,) * len(self.latency)  # a baseline with no histogram counted none
+        latency = tuple(a - b for a, b in zip(self.latency, before, strict=True))
         return Counts(self.requests - base.requests, self.errors - base.errors, latency)
 
 
