@@ -1016,3 +1016,17 @@ def test_simulation_requests_to_roll_back_a_bad_candidate(ratio: float, most: in
     )
     assert len(caught) == DETECT_RUNS
     assert needed < most
+
+
+def test_an_answer_to_an_earlier_asking_of_a_gate_is_not_taken() -> None:
+    """Pause and resume while a step gate is asked: the gate is asked again, and only the second
+    asking's answer counts; the first one, arriving late, must not pass a later step's gate."""
+    d = Drive(replace(SPEC, gates=frozenset({"step"})))
+    assert d.r.gates_left == ("step",) and d.r.asked == 1
+    d.op("pause")
+    assert d.op("resume") == ["notify event", "gate step"] and d.r.asked == 2
+    d.r, commands = on_gate(d.r, "step", True, "late", d.obs, d.at(1), ask=1)
+    assert commands == [] and d.where == ("pending", -1)  # the stale answer changed nothing
+    d.r, commands = on_gate(d.r, "step", True, "fresh", d.obs, d.at(2), ask=2)
+    assert "weight 5" in show(commands) and d.where == ("running", 0)
+    assert roundtrip(d.r).asked == 2

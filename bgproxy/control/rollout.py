@@ -303,7 +303,7 @@ class RolloutRunner:
             )
         for command in commands:
             if isinstance(command, CallGate):
-                self._spawn_gate(r, command.kind)
+                self._spawn_gate(r, command.kind, command.ask)
             elif isinstance(command, Notify):
                 self._webhooks.notify(command.kind, self._payload(r, command.kind))
             elif isinstance(command, Finish):
@@ -346,12 +346,12 @@ class RolloutRunner:
             self._controller.holder = None
         return None, result.changed
 
-    def _spawn_gate(self, r: Rollout, kind: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._gate(r.id, kind))
+    def _spawn_gate(self, r: Rollout, kind: str, ask: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._gate(r.id, kind, ask))
         self._gates.add(task)
         task.add_done_callback(self._gates.discard)
 
-    async def _gate(self, rollout_id: str, kind: str) -> None:
+    async def _gate(self, rollout_id: str, kind: str, ask: int) -> None:
         r = self.current
         if r is None:
             return
@@ -361,13 +361,15 @@ class RolloutRunner:
             if r is None or r.id != rollout_id:
                 return
             try:
-                answer = on_gate(r, kind, ok, detail, self.observe(), time.time(), on_failure=on_failure)
+                answer = on_gate(
+                    r, kind, ok, detail, self.observe(), time.time(), on_failure=on_failure, ask=ask
+                )
                 await self._apply(*answer)
             except Exception:  # e.g. the state file could not be written: the answer is not lost
                 log.exception(
                     "rollout %s: gate %s answered but could not be applied; asking again", r.id, kind
                 )
-                asyncio.get_running_loop().call_later(GATE_RETRY, self._spawn_gate, r, kind)
+                asyncio.get_running_loop().call_later(GATE_RETRY, self._spawn_gate, r, kind, ask)
 
     def _payload(self, r: Rollout, kind: str) -> dict[str, Any]:
         return {

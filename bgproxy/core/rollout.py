@@ -203,9 +203,10 @@ class SetWeights:
 
 @dataclass(frozen=True, slots=True)
 class CallGate:
-    """Ask the ``kind`` webhooks; answer with ``on_gate``."""
+    """Ask the ``kind`` webhooks; answer with ``on_gate``, passing ``ask`` back."""
 
     kind: str
+    ask: int = 0  # which asking this is: an answer to an earlier one (a pause came between) is stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +275,7 @@ class Rollout:
     paused_by: str | None = None
     retry_at: float | None = None  # when an unconfirmed confirm_promotion is asked again
     waited_out: bool = False  # progress_deadline passed at this step (recorded once)
+    asked: int = 0  # gate askings so far (CallGate.ask)
     rule: str | None = None  # the rule that rolled it back
     evidence: dict[str, Any] | None = None
     steps: tuple[StepRecord, ...] = ()
@@ -341,7 +343,7 @@ def on_tick(r: Rollout, obs: Observation, now: float) -> Step:
             return _roll_back(r, rule, why, now)
     if r.state == "paused":
         if r.retry_at is not None and now >= r.retry_at and r.gates_left:
-            return replace(r, retry_at=None), [CallGate(r.gates_left[0])]
+            return _ask(replace(r, retry_at=None), r.gates_left[0])
         return r, []
     if r.gates_left:
         return r, []
@@ -355,10 +357,19 @@ def on_tick(r: Rollout, obs: Observation, now: float) -> Step:
 
 
 def on_gate(
-    r: Rollout, kind: str, ok: bool, detail: str, obs: Observation, now: float, *, on_failure: str = "abort"
+    r: Rollout,
+    kind: str,
+    ok: bool,
+    detail: str,
+    obs: Observation,
+    now: float,
+    *,
+    on_failure: str = "abort",
+    ask: int | None = None,
 ) -> Step:
-    """A gate answered. A late answer for a gate no longer awaited changes nothing."""
-    if r.done or not r.gates_left or r.gates_left[0] != kind:
+    """A gate answered (``ask``: to which asking). A late answer for a gate no longer awaited, or to
+    an earlier asking of it, changes nothing."""
+    if r.done or not r.gates_left or r.gates_left[0] != kind or ask not in (None, r.asked):
         return r, []
     paused_by_gate = r.paused_by is not None and r.paused_by.startswith(f"gate {kind}:")
     if r.state == "paused" and not paused_by_gate:
@@ -402,8 +413,11 @@ def on_operator(r: Rollout, action: str, obs: Observation, now: float, *, actor:
             r = _decide(r, now, "resume", f"resumed by {actor}, overriding gate {r.gates_left[0]}")
             r, after = _pass_gate(r, obs, now)
             return r, [Notify("event"), *after]
-        again: list[Command] = [CallGate(r.gates_left[0])] if r.gates_left else []
-        return _decide(r, now, "resume", f"resumed by {actor}"), [Notify("event"), *again]
+        r = _decide(r, now, "resume", f"resumed by {actor}")
+        if r.gates_left:  # the answer that came during the pause was not taken: ask again
+            r, again = _ask(r, r.gates_left[0])
+            return r, [Notify("event"), *again]
+        return r, [Notify("event")]
     if action == "promote":
         to_full: list[Command] = (
             [] if r.weight == 100 else [SetWeights(100, f"rollout {r.id} promoted by {actor}")]
@@ -449,8 +463,9 @@ def resumed(r: Rollout, obs: Observation, now: float) -> Step:
     r = _decide(
         r, now, "restart", "bgproxy restarted: resuming at the same step, with fresh evidence and pause"
     )
-    commands: list[Command] = [CallGate(r.gates_left[0])] if r.gates_left and r.state != "paused" else []
-    return r, commands
+    if r.gates_left and r.state != "paused":
+        return _ask(r, r.gates_left[0])
+    return r, []
 
 
 # -- internals -------------------------------------------------------------------------------------
@@ -473,15 +488,22 @@ def _move(
 ) -> Step:
     """Move to step ``target`` once ``gates`` pass (now, if there are none)."""
     if gates:
-        return replace(r, gates_left=gates, target=target), [*commands, CallGate(gates[0])]
+        r, ask = _ask(replace(r, gates_left=gates, target=target), gates[0])
+        return r, [*commands, *ask]
     return _enter_step(r, target, obs, now, commands)
+
+
+def _ask(r: Rollout, kind: str) -> Step:
+    """Call a gate, numbering the asking so only its own answer is taken."""
+    r = replace(r, asked=r.asked + 1)
+    return r, [CallGate(kind, r.asked)]
 
 
 def _pass_gate(r: Rollout, obs: Observation, now: float) -> Step:
     left = r.gates_left[1:]
     r = replace(r, gates_left=left)
     if left:
-        return r, [CallGate(left[0])]
+        return _ask(r, left[0])
     return _enter_step(r, r.target, obs, now, [])
 
 
@@ -706,6 +728,7 @@ def to_record(r: Rollout) -> dict[str, Any]:
         "reason": r.reason,
         "step_started": r.step_started,
         "gates_left": list(r.gates_left),
+        "asked": r.asked,
         "target": r.target,
         "resume_to": r.resume_to,
         "paused_by": r.paused_by,
@@ -750,6 +773,7 @@ def from_record(data: dict[str, Any]) -> Rollout:
             step=step,
             step_started=float(data["step_started"]),
             gates_left=tuple(gates),
+            asked=int(data["asked"]),
             target=target,
             resume_to=resume_to,
             paused_by=data["paused_by"],
