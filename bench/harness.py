@@ -323,7 +323,11 @@ class FixedResponse(asyncio.Protocol):
         heads = self.pending.count(b"\r\n\r\n")
         if heads and self.transport is not None:
             self.pending = self.pending[self.pending.rfind(b"\r\n\r\n") + 4 :]
-            self.transport.write(self.response * heads)
+            self.answer(self.transport, heads)
+
+    def answer(self, transport: asyncio.Transport, heads: int) -> None:
+        """Answer ``heads`` complete request heads, in order (a subclass may answer otherwise)."""
+        transport.write(self.response * heads)
 
 
 def serve_fixed(port: int, body: str) -> None:

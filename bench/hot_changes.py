@@ -304,6 +304,8 @@ class Driver:
             return False, str(err)
         handed = "handover not logged" if handed_ms is None else f"handed over after {handed_ms:.0f} ms"
         detail = f"{handed}, {old.name} exited {code} after {exit_ms:.0f} ms"
+        if code != 0:
+            detail += f":\n{old.log_tail(8)}"
         return code == 0, detail
 
 

@@ -37,12 +37,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 
 from bench.harness import (
     REPO_ROOT,
+    FixedResponse,
     ServiceError,
     Services,
     bench_session,
@@ -160,24 +161,16 @@ class Candidate:
         transport.write(response)
 
 
-class _CandidateConnection(asyncio.Protocol):
+class _CandidateConnection(FixedResponse):
+    """The harness's fixed-answer origin, answering as the candidate's fault says."""
+
     def __init__(self, candidate: Candidate) -> None:
+        super().__init__(b"")
         self.candidate = candidate
-        self.pending = b""
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # cast, not isinstance: uvloop's TCPTransport does not subclass asyncio.Transport.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.pending += data
-        while self.transport is not None:
-            end = self.pending.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            self.pending = self.pending[end + 4 :]
-            self.candidate.on_request(self.transport)
+    def answer(self, transport: asyncio.Transport, heads: int) -> None:
+        for _ in range(heads):
+            self.candidate.on_request(transport)
 
 
 # --------------------------------------------------------------------------- the load
@@ -306,6 +299,7 @@ async def _drive(fault: str, candidate: Candidate, url: str, admin: str, opts: O
             await load_task
         _, rollout = await _admin(api, "GET", f"{admin}/v1/rollouts/current")
         _, events = await _admin(api, "GET", f"{admin}/v1/events")
+        events = {"events": [e for e in events["events"] if e["kind"] == "switch"]}
     return figures(fault, candidate, load, rollout, events["events"], fault_at, problems)
 
 

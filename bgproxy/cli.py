@@ -761,20 +761,14 @@ def _add_pool_parser(
     listing = commands.add_parser("list", parents=[client], help="each color's upstreams")
     listing.add_argument("color", nargs="?", choices=COLORS)
     listing.set_defaults(func=_cmd_pool_list)
+    change = _change_options("skip the probe / allow emptying a color that has weight", drain=False)
     for name, helptext in (
         ("add", "add an upstream (probed before it takes traffic)"),
         ("remove", "remove an upstream (its exchanges finish; streams drain)"),
     ):
-        command = commands.add_parser(name, parents=[client], help=helptext)
+        command = commands.add_parser(name, parents=[client, change], help=helptext)
         command.add_argument("color", choices=COLORS)
         command.add_argument("upstream", metavar="HOST:PORT")
-        command.add_argument("--reason", metavar="TEXT", help="recorded in the audit log")
-        command.add_argument(
-            "--if-match", metavar="VERSION", type=int, help="apply only if the state is still at this version"
-        )
-        command.add_argument(
-            "--force", action="store_true", help="skip the probe / allow emptying a color that has weight"
-        )
         command.set_defaults(func=_cmd_pool_change)
 
 
@@ -791,18 +785,20 @@ def _client_options() -> argparse.ArgumentParser:
     return options
 
 
-def _change_options() -> argparse.ArgumentParser:
+def _change_options(
+    force: str = "apply even if a color given weight has no healthy upstream", *, drain: bool = True
+) -> argparse.ArgumentParser:
+    """--reason, --if-match, --force (``force`` says what it overrides) and, for switches, --drain-timeout."""
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument(
-        "--drain-timeout", metavar="S", help="how long the old color may drain, e.g. 10 or 30s"
-    )
+    if drain:
+        options.add_argument(
+            "--drain-timeout", metavar="S", help="how long the old color may drain, e.g. 10 or 30s"
+        )
     options.add_argument("--reason", metavar="TEXT", help="recorded in the audit log")
     options.add_argument(
         "--if-match", metavar="VERSION", type=int, help="apply only if the state is still at this version"
     )
-    options.add_argument(
-        "--force", action="store_true", help="apply even if a color given weight has no healthy upstream"
-    )
+    options.add_argument("--force", action="store_true", help=force)
     return options
 
 

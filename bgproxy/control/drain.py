@@ -10,6 +10,7 @@ Graceful shutdown is the same procedure applied to every color.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -132,3 +133,8 @@ class Drainer:
                     ex.close_at_deadline(CLOSE_GRACE)
         for color in COLORS:  # give close frames their grace, then stop waiting
             await self.wait_idle(color, CLOSE_GRACE + 0.5)
+        # No exchange in flight is not the end: a keep-alive client may have a request on its way. Each
+        # connection closes after an answer with Connection: close, or idle at the grace; only then is
+        # it safe to stop (stop() resets what is left).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(runtime.all_closed(), max(deadline - runtime.loop.time(), 0.0))

@@ -268,6 +268,10 @@ class RolloutRunner:
             self.history.append(r)
         else:
             self.history[-1] = r
+        # Counted as the outcome becomes visible, so /metrics never lags /v1/rollouts.
+        ended = r.done and (before is None or not before.done)
+        if ended:
+            self._count(r, 1)
         try:
             saved = False
             for command in commands:
@@ -286,6 +290,8 @@ class RolloutRunner:
                 self.history.pop()
             else:
                 self.history[-1] = before
+            if ended:
+                self._count(r, -1)
             raise
         if before is None or r.state != before.state:
             await self._controller.record(
@@ -309,10 +315,12 @@ class RolloutRunner:
             elif isinstance(command, Finish):
                 self._finished(r, command.outcome)
 
-    def _finished(self, r: Rollout, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+    def _count(self, r: Rollout, by: int) -> None:
+        self.outcomes[r.state] = self.outcomes.get(r.state, 0) + by
         if r.rule is not None:
-            self.rollbacks[r.rule] = self.rollbacks.get(r.rule, 0) + 1
+            self.rollbacks[r.rule] = self.rollbacks.get(r.rule, 0) + by
+
+    def _finished(self, r: Rollout, outcome: str) -> None:
         log.warning(
             "rollout %s %s: %s",
             r.id,

@@ -155,7 +155,7 @@ class ClientConnection:
         self.lost = True
         self.deadline.cancel()
         self.send_deadline.cancel()
-        self.runtime.connections.discard(self)
+        self.runtime.connection_closed(self)
         if self.tunnel is not None:
             self.tunnel.client_lost()
             return

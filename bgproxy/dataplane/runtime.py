@@ -56,6 +56,7 @@ class Runtime:
         self.closing = False  # shutting down: answer with Connection: close
         # Colors being drained (or all, in shutdown): their exchanges are counted as they end.
         self.draining: set[str] = set()
+        self._closed_waiters: list[asyncio.Future[None]] = []
 
     def install(self, table: RouteTable) -> None:
         """Route new requests by ``table`` from now on; exchanges already routed keep their color."""
@@ -89,6 +90,25 @@ class Runtime:
         self.closing = True
         self.draining.update(self.pools)
         self.loop.call_later(idle_grace, self._close_idle)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        """A client connection is gone; wakes all_closed() waiters when it was the last."""
+        connections = self.connections
+        connections.discard(conn)
+        if not connections and self._closed_waiters:
+            for waiter in self._closed_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._closed_waiters = []
+
+    def all_closed(self) -> asyncio.Future[None]:
+        """A future done once no client connection is open (at once if none is)."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        if self.connections:
+            self._closed_waiters.append(waiter)
+        else:
+            waiter.set_result(None)
+        return waiter
 
     def _close_idle(self) -> None:
         for conn in list(self.connections):
