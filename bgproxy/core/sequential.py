@@ -55,15 +55,23 @@ def log_evalue(events: int, n: int, p: float, b: float) -> float:
         raise ValueError(f"p must be between 0 and 1, got {p!r}")
     if n == 0:
         return 0.0
+    return _log_mixture(events, n, b) - _log_likelihood(events, n, p)
+
+
+def _log_mixture(events: int, n: int, b: float) -> float:
+    """The numerator of M_n: the same for every p, so a bisection computes it once."""
+    return _log_beta(1.0 + events, b + n - events) - _log_beta(1.0, b)
+
+
+def _log_likelihood(events: int, n: int, p: float) -> float:
     if (p <= 0.0 and events > 0) or (p >= 1.0 and events < n):
-        return math.inf
-    mixture = _log_beta(1.0 + events, b + n - events) - _log_beta(1.0, b)
+        return -math.inf
     likelihood = 0.0
     if events:
         likelihood += events * math.log(p)
     if n - events:
         likelihood += (n - events) * math.log1p(-p)
-    return mixture - likelihood
+    return likelihood
 
 
 def bounds(events: int, n: int, alpha: float, b: float) -> tuple[float, float]:
@@ -75,20 +83,21 @@ def bounds(events: int, n: int, alpha: float, b: float) -> tuple[float, float]:
     _check_open("alpha", alpha)
     if n == 0:
         return 0.0, 1.0
+    mixture = _log_mixture(events, n, b)  # computed once: the same arithmetic as log_evalue's
     limit = math.log(1.0 / alpha)
     center = events / n
-    low = _edge(events, n, b, limit, center, 0.0) if events else 0.0
-    high = _edge(events, n, b, limit, center, 1.0) if events < n else 1.0
+    low = _edge(events, n, mixture, limit, center, 0.0) if events else 0.0
+    high = _edge(events, n, mixture, limit, center, 1.0) if events < n else 1.0
     return low, high
 
 
-def _edge(events: int, n: int, b: float, limit: float, inside: float, outside: float) -> float:
+def _edge(events: int, n: int, mixture: float, limit: float, inside: float, outside: float) -> float:
     """Where the log e-value crosses ``limit`` between a rate inside the bounds and one outside."""
-    if log_evalue(events, n, outside, b) < limit:
+    if mixture - _log_likelihood(events, n, outside) < limit:
         return outside
     for _ in range(_ITERATIONS):
         mid = (inside + outside) / 2
-        if log_evalue(events, n, mid, b) >= limit:
+        if mixture - _log_likelihood(events, n, mid) >= limit:
             outside = mid
         else:
             inside = mid
