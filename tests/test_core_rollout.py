@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from binomial import binomial_quantile
 
 from bgproxy.core.colors import Color
 from bgproxy.core.rollout import (
@@ -934,16 +935,6 @@ def simulate(ratio: float, seed: int, *, spec: Spec = SIM, tick: int = 100, limi
                 weight = command.candidate
     assert r.done, f"not finished after {served} requests: {r.state}"
     return SimRun(r.state, r.rule, cand[0], r.step)
-
-
-def binomial_quantile(n: int, p: float, level: float) -> int:
-    """The smallest c with P(Binomial(n, p) <= c) >= level."""
-    total = 0.0
-    for c in range(n + 1):
-        total += math.comb(n, c) * p**c * (1 - p) ** (n - c)
-        if total >= level:
-            return c
-    return n
 
 
 HEALTHY_RUNS = 200

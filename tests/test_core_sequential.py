@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from binomial import binomial_quantile
 
 from bgproxy.core.sequential import above, below, bounds, log_evalue, prior_b, requests_to_prove
 
@@ -352,16 +353,6 @@ def first_exit_every_draw(rng: random.Random, rate: float, b: float, draws: int,
         if log_evalue(k, n, rate, b) >= limit:
             return True
     return False
-
-
-def binomial_quantile(n: int, p: float, level: float) -> int:
-    """The smallest c with P(Binomial(n, p) <= c) >= level."""
-    total = 0.0
-    for c in range(n + 1):
-        total += math.comb(n, c) * p**c * (1 - p) ** (n - c)
-        if total >= level:
-            return c
-    return n
 
 
 @pytest.mark.parametrize(

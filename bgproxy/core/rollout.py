@@ -334,10 +334,11 @@ def on_tick(r: Rollout, obs: Observation, now: float) -> Step:
     """Judge the evidence; advance, wait, roll back or finish. Called at least every 100 ms."""
     if r.done:
         return r, []
-    evidence = _evidence(r, obs)
-    if evidence is not None:
-        r = replace(r, evidence=evidence)
-        fired = _fired_rule(r, obs)
+    if r.baseline is not None and r.weight > 0:
+        cand = obs.of(r.candidate).since(r.baseline.of(r.candidate))
+        stab = obs.of(r.stable).since(r.baseline.of(r.stable))
+        r = replace(r, evidence=_evidence(r.spec, cand, stab, obs.buckets))
+        fired = _fired_rule(r.spec, cand, stab, obs.buckets)
         if fired is not None:
             rule, why = fired
             return _roll_back(r, rule, why, now)
@@ -651,31 +652,22 @@ def _color_evidence(
     }
 
 
-def _evidence(r: Rollout, obs: Observation) -> dict[str, Any] | None:
-    """What the current step has shown so far, as the API and the step records show it."""
-    if r.baseline is None or r.weight == 0:
-        return None
-    spec = r.spec
+def _evidence(spec: Spec, cand: Counts, stab: Counts, buckets: tuple[float, ...]) -> dict[str, Any]:
+    """What the current step has shown so far (counts since it began), as the API and records show it."""
     alpha = spec.alpha
-    cand = obs.of(r.candidate).since(r.baseline.of(r.candidate))
-    stab = obs.of(r.stable).since(r.baseline.of(r.stable))
     threshold = spec.max_error_ratio
     return {
-        "candidate": _color_evidence(cand, alpha, threshold, obs.buckets),
-        "stable": _color_evidence(stab, alpha, threshold, obs.buckets),
+        "candidate": _color_evidence(cand, alpha, threshold, buckets),
+        "stable": _color_evidence(stab, alpha, threshold, buckets),
         "threshold": threshold,
         "alpha": alpha,
         "proven": below(cand.errors, cand.requests, threshold, 1.0 - spec.confidence),
     }
 
 
-def _fired_rule(r: Rollout, obs: Observation) -> tuple[str, str] | None:
-    """The first rule the evidence shows broken, with a reason quoting the numbers; None if none."""
-    assert r.baseline is not None
-    spec = r.spec
+def _fired_rule(spec: Spec, cand: Counts, stab: Counts, buckets: tuple[float, ...]) -> tuple[str, str] | None:
+    """The first rule the step's counts show broken, with a reason quoting the numbers; None if none."""
     alpha = spec.alpha
-    cand = obs.of(r.candidate).since(r.baseline.of(r.candidate))
-    stab = obs.of(r.stable).since(r.baseline.of(r.stable))
     ratio = f"{cand.errors}/{cand.requests} errors"
     if above(cand.errors, cand.requests, spec.max_error_ratio, alpha):
         return "error_ratio", f"{ratio}, above {spec.max_error_ratio:g} at confidence {1 - alpha:.5g}"
@@ -689,7 +681,6 @@ def _fired_rule(r: Rollout, obs: Observation) -> tuple[str, str] | None:
                 f"{ratio} against stable {stab.errors}/{stab.requests}: at least {low - high:.4g} worse, "
                 f"more than {increase:g}",
             )
-    buckets = obs.buckets
     if spec.max_p99 is not None:
         limit = bucket_limit(buckets, spec.max_p99)
         slow = _slow(cand, buckets, limit)
