@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Mapping
@@ -32,11 +33,14 @@ from .control.configure import (
 )
 from .control.controller import Controller, route_table
 from .control.drain import Drainer
+from .control.fleet import Fleet
 from .control.health import FlipGuard, HealthMonitor, readiness
 from .control.membership import Membership, reconcile
 from .control.reload import ReloadResult
 from .control.rollout import RolloutRunner
-from .control.state import FileStateBackend, PersistedState, StateBackend, StateFileError
+from .control.shared import SharedStore, StoreConflict, Stored, StoreUnavailable, encode_document
+from .control.state import FileStateBackend, PersistedState, StateFileError
+from .control.stores import open_store
 from .core.colors import COLORS
 from .core.switchboard import Switchboard
 from .core.weights import Weights
@@ -96,7 +100,10 @@ class App:
             drain_timeout=config.drain_timeout,
             updated_at=time.time(),
         )
-        self.state_store: StateBackend = FileStateBackend(config.state_file)
+        self.state_store = FileStateBackend(config.state_file)
+        self.shared = open_store(config, os.environ)
+        self._store_error: str | None = None
+        self.fleet: Fleet | None = None
         self._reset_state = reset_state
         metrics = config.metrics
         self.stats = Stats(
@@ -158,6 +165,47 @@ class App:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    async def _restore_shared(self, shared: SharedStore, node: str) -> tuple[PersistedState, int | None]:
+        """The fleet's state, with the store's revision of it (None: the store is down at start).
+
+        A store that cannot be reached is not a reason to refuse to start: the node starts from its
+        last-known-good copy (the state file) and says so; with no copy either, it does refuse.
+        """
+        local = self.state_store
+        board = self.switchboard
+        try:
+            stored = await shared.read()
+            if stored is None:
+                # The first node (or a store that lost its data): seed it with our copy or the config.
+                seed = None if self._reset_state else local.load()
+                if seed is None:
+                    seed = PersistedState(board.weights, board.version, board.updated_at)
+                try:
+                    revision = await shared.swap(None, encode_document(seed, {"node": node, "actor": "seed"}))
+                    stored = Stored(seed, revision, {})
+                except StoreConflict:
+                    stored = await shared.read()
+                    assert stored is not None, "a conflict means a document is there"
+        except StoreUnavailable as exc:
+            saved = local.load()
+            if saved is None:
+                raise StateFileError(
+                    local.path,
+                    f"no local copy of the shared state to start from, and {exc}",
+                ) from None
+            log.warning(
+                "state store unreachable at start: serving this node's last-known-good copy, "
+                "refusing changes until the store answers",
+                extra={"store": shared.where, "error": str(exc), "version": saved.version},
+            )
+            board.restore(saved.weights, saved.version, saved.updated_at)
+            self._store_error = str(exc)
+            return saved, None
+        state = stored.state
+        board.restore(state.weights, state.version, state.updated_at)
+        local.save(state)
+        return state, stored.revision
+
     def _restore_state(self) -> PersistedState:
         """The saved state wins over the config, whose weights only seed a missing one.
 
@@ -185,13 +233,20 @@ class App:
         of binding; they win over the config's addresses (another bind would strand their backlog).
         ``taking_over``: they come from a running bgproxy, which still owns the state until it confirms
         the handover; no change is taken (nor a rollout driven) before ``took_over()``."""
+        config = self.config
         admin_sock = (inherited or {}).get("admin")
         if admin_sock is not None:
-            _check_admin_exposure(self.config, admin_sock.getsockname()[0])
+            _check_admin_exposure(config, admin_sock.getsockname()[0])
         self.audit.load()
         self.audit.open()
-        saved = self._restore_state()
-        config = self.config
+        # Bound first: a fleet node is named by it unless node_name says otherwise.
+        admin_sock = admin_sock or _bind(config.admin.listen.host, config.admin.listen.port)
+        node = config.node_name or f"{socket.gethostname()}:{admin_sock.getsockname()[1]}"
+        revision = None
+        if self.shared is None:
+            saved = self._restore_state()
+        else:
+            saved, revision = await self._restore_shared(self.shared, node)
         loop = asyncio.get_running_loop()
         try:
             lists, intent = reconcile(config_lists(config), saved.pools)
@@ -222,7 +277,11 @@ class App:
             rollouts=saved.rollouts,
             pools=intent,
             audit=self.audit,
+            shared=self.shared,
+            node=node,
         )
+        controller.revision = revision
+        controller.store_error = self._store_error
         try:
             rollouts = RolloutRunner(controller, self.stats, config.rollout)
         except ValueError as exc:
@@ -237,6 +296,16 @@ class App:
             max_idle={c: config.pools.get(c).max_idle_per_upstream for c in COLORS},
             drain_timeout=config.drain_timeout,
         )
+        if self.shared is not None:
+            self.fleet = Fleet(
+                controller,
+                self.shared,
+                self.stats,
+                node=node,
+                admin_url=lambda: f"http://{_url_host(admin_sock.getsockname()[0])}:{self.admin_port}",
+            )
+            rollouts.join(self.fleet)
+            controller.on_pools = membership.adopt
         self._started = _Started(runtime, health, drainer, controller, rollouts, membership)
         self._reload_parts = reload.Parts(controller, health, guard, membership, rollouts)
         health.start()
@@ -253,10 +322,12 @@ class App:
             build_admin_app(self, admin.tokens), access_log=None, handle_signals=False
         )
         await self._admin_runner.setup()
-        admin_sock = inherited.pop("admin", None) or _bind(admin.listen.host, admin.listen.port)
+        inherited.pop("admin", None)
         self.listeners["admin"] = admin_sock
         self._admin_site = web.SockSite(self._admin_runner, admin_sock)
         await self._admin_site.start()
+        if self.fleet is not None:
+            self.fleet.start()
         log.info(
             "bgproxy listening",
             extra={
@@ -371,6 +442,8 @@ class App:
         log.info("shutting down", extra={"within": self.config.shutdown_timeout})
         if self._started is not None:
             self.controller.frozen = self.controller.frozen or "bgproxy is shutting down"
+        if self.fleet is not None:
+            await self.fleet.stop()  # another node takes the rollout lease; our record times out
         if self.handed_over and self._admin_site is not None:
             # The new process answers the admin API on the same socket: leave it all of it.
             await self._admin_site.stop()
@@ -388,6 +461,10 @@ class App:
         self.shutting_down = True
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.fleet is not None:
+            await self.fleet.stop()
+        elif self.shared is not None:
+            await self.shared.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -418,6 +495,10 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _check_admin_exposure(config: Config, host: str | None = None) -> None:

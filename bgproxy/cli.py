@@ -375,13 +375,34 @@ def _change_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _waited(args: argparse.Namespace, path: str) -> str:
+    """``--wait``: the API answers once every fleet node runs the change (or names those that do not)."""
+    if not args.wait:
+        return path
+    return f"{path}?wait=all&wait_timeout={args.wait_timeout}"
+
+
+def _changed(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    """Print the state a change left; with --wait, exit 1 if some fleet node did not run it in time."""
+    fleet = state.get("fleet")
+    human = _show_state(state)
+    if fleet is not None:
+        if fleet["complete"]:
+            human += f"\nevery live node runs version {fleet['version']} ({fleet['waited']:.3f} s)"
+        else:
+            human += (
+                f"\nnot yet running version {fleet['version']} after {fleet['waited']:.1f} s: "
+                + ", ".join(fleet["pending"])
+            )
+    _print(args, state, human)
+    return EXIT_OK if fleet is None or fleet["complete"] else EXIT_REFUSED
+
+
 def _cmd_flip(args: argparse.Namespace) -> int:
     body = _change_body(args)
     if args.to is not None:
         body["to"] = args.to
-    state = _call(args, "POST", "/v1/flip", body)
-    _print(args, state, _show_state(state))
-    return EXIT_OK
+    return _changed(args, _call(args, "POST", _waited(args, "/v1/flip"), body))
 
 
 def _parse_weights(parser: argparse.ArgumentParser, pairs: Sequence[str]) -> dict[str, int]:
@@ -401,8 +422,29 @@ def _parse_weights(parser: argparse.ArgumentParser, pairs: Sequence[str]) -> dic
 
 def _cmd_weights(args: argparse.Namespace) -> int:
     body = {**_parse_weights(args.parser, args.pairs), **_change_body(args)}
-    state = _call(args, "PUT", "/v1/weights", body)
-    _print(args, state, _show_state(state))
+    return _changed(args, _call(args, "PUT", _waited(args, "/v1/weights"), body))
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    body = _call(args, "GET", "/v1/fleet")
+    store = body["store"]
+    head = f"store: {store['backend']} {store['where']} ({store['status']})  version: {body['version']}"
+    if store["error"]:
+        head += f"\n  {store['error']}"
+    rows = [
+        [
+            n["node"] + (" *" if n["leader"] else ""),
+            n["version"],
+            n["behind"],
+            "-" if n["lag"] is None else f"{1000 * n['lag']:.0f} ms",
+            f"{n['seen_ago']:.1f} s ago",
+            n["store"],
+            n["admin"],
+        ]
+        for n in body["nodes"]
+    ]
+    table = _table(["NODE (* leads)", "VERSION", "BEHIND", "LAG", "SEEN", "STORE", "ADMIN"], rows)
+    _print(args, body, head + ("\n" + table if rows else "\n(a single instance: no fleet)"))
     return EXIT_OK
 
 
@@ -888,6 +930,15 @@ def build_parser() -> argparse.ArgumentParser:
     weights = sub.add_parser("weights", parents=[client, change], help="split traffic: blue=90 green=10")
     weights.add_argument("pairs", nargs="+", metavar="COLOR=WEIGHT")
     weights.set_defaults(func=_cmd_weights, parser=weights)
+    for command in (flip, weights):
+        command.add_argument(
+            "--wait", action="store_true", help="return once every node of the fleet runs it (exit 1 if not)"
+        )
+        command.add_argument(
+            "--wait-timeout", default="5s", metavar="DURATION", help="how long --wait waits (default 5s)"
+        )
+    fleet = sub.add_parser("fleet", parents=[client], help="the nodes sharing the switch: version, lag")
+    fleet.set_defaults(func=_cmd_fleet)
     events = sub.add_parser("events", parents=[client], help="show the audit log: switches, pools, reloads")
     events.set_defaults(func=_cmd_events)
     _add_rollout_parser(sub, client)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -499,6 +500,49 @@ class RolloutConfig(_Section):
         return hooks
 
 
+NodeName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+STORE_SCHEMES = ("file", "etcd", "etcds", "redis", "rediss")
+
+
+def _check_store_url(url: str) -> str:
+    """``state_store``: where the switch state lives; a fleet shares one etcd or Redis document."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in STORE_SCHEMES:
+        raise ValueError(
+            "must start with file://, etcd://, etcds://, redis:// or rediss:// "
+            "(e.g. redis://127.0.0.1:6379/0?prefix=bgproxy:prod)"
+        )
+    if parts.username or parts.password:
+        raise ValueError(
+            "must not hold credentials (they would show in logs and state): "
+            "set BGPROXY_STORE_USERNAME and BGPROXY_STORE_PASSWORD instead"
+        )
+    if parts.scheme == "file":
+        if not (parts.netloc + parts.path).strip("/"):
+            raise ValueError("file:// needs a path, e.g. file://./bgproxy-state.json")
+    elif not parts.hostname:
+        raise ValueError(f"{parts.scheme}:// needs a host, e.g. {parts.scheme}://127.0.0.1")
+    return url
+
+
+class StoreTLSConfig(_Section):
+    """``state_store_tls``: verify the store with ``ca_file``; present ``cert_file``/``key_file``."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class Config(_Section):
     listen: HostPort = HostPort("127.0.0.1", 8080)
     admin: AdminConfig = Field(default_factory=AdminConfig)
@@ -508,6 +552,10 @@ class Config(_Section):
     shutdown_timeout: Duration = 30.0
     flip_probe: Literal["http", "tcp", "off"] = "http"
     state_file: Path = Path("bgproxy-state.json")
+    # A fleet's shared switch (etcd:// or redis://); state_file is then this node's last-known-good copy.
+    state_store: Annotated[str, AfterValidator(_check_store_url)] | None = None
+    state_store_tls: StoreTLSConfig | None = None
+    node_name: NodeName | None = None  # a fleet node's id; default: hostname:admin-port
     events_file: Path | None = None
     runtime_socket: Path | None = None
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -690,7 +738,19 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     if problems:
         raise ConfigError(problems)
     here = Path(name).resolve().parent
-    state_file = config.state_file if config.state_file.is_absolute() else here / config.state_file
+    state_file = config.state_file
+    store = urlsplit(config.state_store or "")
+    if store.scheme == "file":
+        from_url = Path(store.netloc + store.path)
+        if "state_file" in config.model_fields_set and from_url != state_file:
+            raise ConfigError(
+                [
+                    f"{name}: state_store: names {from_url} but state_file names {state_file}; "
+                    f"keep one of them (got {config.state_store!r})"
+                ]
+            )
+        state_file = from_url
+    state_file = state_file if state_file.is_absolute() else here / state_file
     events_file = config.events_file or state_file.with_name(state_file.stem + ".events.jsonl")
     runtime_socket = config.runtime_socket
     if runtime_socket is not None and not runtime_socket.is_absolute():

@@ -140,6 +140,14 @@ async def test_state_reports_weights_version_and_pools(admin: Admin, origins: tu
         },
         "routing": {"sticky": None, "preview": None},
         "last_reload": None,
+        "store": {
+            "backend": "file",
+            "where": str(admin.proxy.app.config.state_file),
+            "status": "ok",
+            "error": None,
+            "node": None,
+            "revision": None,
+        },
     }
     assert state["updated_at"].endswith("Z")
     assert datetime.fromisoformat(state["updated_at"]).timestamp() == pytest.approx(

@@ -22,6 +22,7 @@ from ..control.configure import rollout_spec
 from ..control.controller import Frozen, RolloutHolds
 from ..control.membership import Change, How, NotMember
 from ..control.reload import ReloadResult
+from ..control.shared import StoreUnavailable
 from ..control.state import StateFileError
 from ..core.colors import COLORS, Color
 from ..core.errors import SwitchError, VersionConflict
@@ -31,6 +32,7 @@ from ..core.switchboard import SwitchResult
 from ..core.timefmt import rfc3339
 from ..core.weights import Weights
 from .changes import MembershipView, RemoveRequest, UpstreamRequest, UpstreamsRequest
+from .fleet import FleetError, fleet_view, store_view, to_leader, wait_all, wait_wanted
 from .metrics import error_window_state
 from .models import (
     DrainWaitView,
@@ -84,6 +86,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except ApiError as exc:
         return _error_response(exc.status, exc.error, exc.detail, exc.headers)
+    except FleetError as exc:
+        return _error_response(exc.status, exc.error, exc.detail, {})
     except web.HTTPException as exc:
         detail = [f"{request.method} {request.path}"]
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
@@ -173,9 +177,10 @@ def state_view(app: Process) -> dict[str, Any]:
             "pools": {color: color_state(app, color) for color in COLORS},
             "routing": routing_state(app),
             "last_reload": None if app.last_reload is None else reload_view(app.last_reload),
+            "store": store_view(app),
         }
     )
-    return view.model_dump(mode="json")
+    return view.model_dump(mode="json", exclude={"fleet"})  # only a change's answer with ?wait=all has it
 
 
 def rollout_view(r: Rollout) -> dict[str, Any]:
@@ -312,8 +317,13 @@ class _Api:
     async def get_state(self, request: web.Request) -> web.Response:
         return self._state_response()
 
-    async def _switch(self, change: Awaitable[SwitchResult]) -> web.Response:
-        """Run a change and answer with the state it left: no await in between, so no later change shows."""
+    async def get_fleet(self, request: web.Request) -> web.Response:
+        return web.json_response(await fleet_view(self.app))
+
+    async def _switch(self, change: Awaitable[SwitchResult], wait: float | None = None) -> web.Response:
+        """Run a change and answer with the state it left: no await in between, so no later change
+        shows. ``wait``: then wait up to that long for every node of the fleet to run it; 202 if
+        some did not (the change is made; the answer names them)."""
         try:
             await change
         except VersionConflict as exc:
@@ -327,10 +337,16 @@ class _Api:
         except StateFileError as exc:
             log.error("could not persist a switch: %s", exc)
             raise ApiError(500, "could not save the change; nothing was changed", [str(exc)]) from None
-        return self._state_response()
+        if wait is None:
+            return self._state_response()
+        body = state_view(self.app)
+        body["fleet"] = await wait_all(self.app, body["version"], wait)
+        status = 200 if body["fleet"]["complete"] else 202
+        return web.json_response(body, status=status, headers={"ETag": f'"{body["version"]}"'})
 
     async def flip(self, request: web.Request) -> web.Response:
         expected = _if_match(request)
+        wait = wait_wanted(request)
         body = await _read_body(request, FlipRequest, "flip", optional=True)
         return await self._switch(
             self.app.controller.flip(
@@ -340,11 +356,13 @@ class _Api:
                 expected_version=expected,
                 drain_timeout=body.drain_timeout,
                 force=body.force,
-            )
+            ),
+            wait,
         )
 
     async def put_weights(self, request: web.Request) -> web.Response:
         expected = _if_match(request)
+        wait = wait_wanted(request)
         body = await _read_body(request, WeightsRequest, "weights", optional=False)
         return await self._switch(
             self.app.controller.set_weights(
@@ -354,7 +372,8 @@ class _Api:
                 expected_version=expected,
                 drain_timeout=body.drain_timeout,
                 force=body.force,
-            )
+            ),
+            wait,
         )
 
     async def get_pools(self, request: web.Request) -> web.Response:
@@ -381,15 +400,24 @@ class _Api:
         return web.json_response(DrainWaitView(color=color, idle=True).model_dump(mode="json"))  # type: ignore[arg-type]
 
     async def get_events(self, request: web.Request) -> web.Response:
+        """The fleet's log from the store when there is one (this node's own while it is down)."""
+        entries = self.app.audit.events()
+        if self.app.fleet is not None:
+            try:
+                entries = await self.app.fleet.shared.events()
+            except StoreUnavailable as exc:
+                log.warning("showing this node's audit log: %s", exc)
         events = []
-        for entry in self.app.audit.events():
+        for entry in entries:
             try:
                 events.append(EventView.model_validate(entry).model_dump(mode="json", exclude_unset=True))
             except ValidationError:  # a kind this version does not know (a newer one wrote it): skip it
                 continue
         return web.json_response({"events": events})
 
-    async def start_rollout(self, request: web.Request) -> web.Response:
+    async def start_rollout(self, request: web.Request) -> web.StreamResponse:
+        if (sent := await to_leader(self.app, request)) is not None:
+            return sent
         body = await _read_body(request, RolloutRequest, "rollout", optional=False)
         merged = {**self.app.rollouts.config.model_dump(), **body.overrides()}
         try:
@@ -423,7 +451,9 @@ class _Api:
             raise ApiError(404, "no rollout has run", ["start one with POST /v1/rollouts"])
         return web.json_response(rollout_view(r))
 
-    async def rollout_action(self, request: web.Request) -> web.Response:
+    async def rollout_action(self, request: web.Request) -> web.StreamResponse:
+        if (sent := await to_leader(self.app, request)) is not None:
+            return sent
         action = request.match_info["action"]
         body = await _read_body(request, RolloutActionRequest, action, optional=True)
         actor = request[ACTOR] + (f" ({body.reason})" if body.reason else "")
@@ -518,6 +548,7 @@ def build_v1_app(app: Process, tokens: Mapping[str, str]) -> web.Application:
     api = _Api(app, tokens)
     v1 = web.Application(middlewares=[_json_errors, api.authenticate])
     v1.router.add_get("/state", api.get_state)
+    v1.router.add_get("/fleet", api.get_fleet)
     v1.router.add_post("/flip", api.flip)
     v1.router.add_put("/weights", api.put_weights)
     v1.router.add_get("/events", api.get_events)

@@ -115,6 +115,23 @@ class BgproxyCollector(Collector):
         yield info
         yield from self._health()
         yield from self._rollouts()
+        yield from self._fleet()
+
+    def _fleet(self) -> Iterable[Metric]:
+        """In a fleet: whether the shared store answers and whether this node leads rollouts."""
+        fleet = self.app.fleet
+        if fleet is None:
+            return
+        yield GaugeMetricFamily(
+            "bgproxy_store_up",
+            "1 while the fleet's shared state store answers; 0: serving the last state, refusing changes.",
+            value=0 if fleet.error else 1,
+        )
+        yield GaugeMetricFamily(
+            "bgproxy_fleet_leader",
+            "1 while this node holds the rollout lease.",
+            value=1 if fleet.leading else 0,
+        )
 
     def _rollouts(self) -> Iterable[Metric]:
         """Where the current rollout is, and how rollouts ended (counted since this process started)."""

@@ -249,6 +249,29 @@ class LastReloadView(_Model):
     pools: dict[str, list[str]] = Field(description="Colors whose membership the file replaced.")
 
 
+class StoreView(_Model):
+    """Where the switch state lives, and whether changes can be taken now."""
+
+    backend: Literal["file", "etcd", "redis"]
+    where: str = Field(description="The file, or the store's address and key prefix (never credentials).")
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded: the shared store does not answer; traffic is served on the last state "
+        "and changes are refused with 503 until it does."
+    )
+    error: str | None = Field(description="Why it is degraded; null when ok.")
+    node: str | None = Field(description="This node's id in the fleet; null for a single instance.")
+    revision: int | None = Field(description="The shared store's revision of the state this node runs.")
+
+
+class FleetWaitView(_Model):
+    """With ?wait=all: whether every live node ran the new version before the timeout."""
+
+    version: int
+    complete: bool = Field(description="True: every live node runs this version (or a newer one).")
+    waited: float = Field(description="Seconds waited.")
+    pending: list[str] = Field(description="Live nodes not running it yet when the wait ended.")
+
+
 class StateView(_Model):
     """The switch state; its version grows by one with every applied change."""
 
@@ -259,6 +282,38 @@ class StateView(_Model):
     pools: PoolsView
     routing: RoutingView
     last_reload: LastReloadView | None = Field(description="The last config reload; null: none since start.")
+    store: StoreView
+    fleet: FleetWaitView | None = Field(
+        default=None, description="Only in the answer to a change sent with ?wait=all."
+    )
+
+
+class FleetNodeView(_Model):
+    """One live node of the fleet, as it last reported itself (every 250 ms)."""
+
+    node: str
+    admin: str = Field(description="Its admin API.")
+    version: int = Field(description="The switch version it runs.")
+    behind: int = Field(description="Versions behind the newest in the store (0: up to date).")
+    lag: float | None = Field(
+        description="Seconds from the write of the version it runs to its applying it; null if unknown."
+    )
+    applied_at: Timestamp
+    last_seen: Timestamp
+    seen_ago: float = Field(description="Seconds since its last report; it is dropped after 3.")
+    leader: bool = Field(description="It holds the rollout lease: it drives rollouts.")
+    store: Literal["ok", "degraded"]
+    started_at: Timestamp
+    pid: int
+
+
+class FleetView(_Model):
+    """The nodes sharing this switch; empty for a single instance."""
+
+    store: StoreView
+    version: int = Field(description="The newest switch version this node knows.")
+    leader: str | None = Field(description="The node holding the rollout lease.")
+    nodes: list[FleetNodeView]
 
 
 class EventView(_Model):
@@ -271,6 +326,7 @@ class EventView(_Model):
     kind: Literal["switch", "pool", "reload", "rollout"]
     actor: str = Field(description='Name of the admin token used, "local" without tokens, or who else acted.')
     reason: str | None
+    node: str | None = Field(default=None, description="In a fleet: the node that made the change.")
     version: int | None = Field(default=None, description="switch, pool: the state version it made.")
     from_weights: WeightsView | None = Field(default=None, description="switch")
     to_weights: WeightsView | None = Field(default=None, description="switch")

@@ -18,6 +18,7 @@ from .models import (
     DrainWaitView,
     ErrorView,
     EventsView,
+    FleetView,
     FlipRequest,
     HealthView,
     LastReloadView,
@@ -46,7 +47,8 @@ _ERRORS = {
     415: "The body is not application/json.",
     422: "The body does not validate; one detail line per bad field.",
     500: "The change could not be saved to the state file. Nothing changed.",
-    503: "This process takes no change now: it is shutting down, or a new bgproxy is taking over.",
+    503: "This process takes no change now: it is shutting down, a new bgproxy is taking over, or the "
+    "fleet's state store does not answer (traffic goes on as it was). Nothing changed.",
 }
 
 _WATCH = """\
@@ -86,6 +88,7 @@ def openapi_document() -> dict[str, Any]:
             (m, "serialization")
             for m in (
                 StateView,
+                FleetView,
                 EventsView,
                 ErrorView,
                 HealthView,
@@ -129,6 +132,24 @@ def openapi_document() -> dict[str, Any]:
         "headers": {"ETag": {"description": 'The state version, quoted: "7".', "schema": {"type": "string"}}},
     }
     change_errors = (400, 409, 415, 422, 500, 503)
+    wait = [
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "`all`: answer once every live node of the fleet runs the new version; 202 "
+            "(the change is made) with `fleet.pending` naming the nodes that did not within the timeout.",
+            "schema": {"enum": ["all"]},
+        },
+        {
+            "name": "wait_timeout",
+            "in": "query",
+            "required": False,
+            "description": "With wait=all: seconds or a duration like 500ms, 5s (default 5, at most 60).",
+            "schema": {"type": "string"},
+        },
+    ]
+    waited = {**state_ok, "description": "The change is made; some live nodes did not run it in time."}
     color_param = {"name": "color", "in": "path", "required": True, "schema": {"enum": list(COLORS)}}
     members_ok = {
         **ok(MembershipView),
@@ -162,18 +183,27 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "flip",
                     "summary": "Send all traffic to one color (default: the one not live now).",
                     "description": "Flipping to the color already live changes nothing and answers 200.",
-                    "parameters": [if_match],
+                    "parameters": [if_match, *wait],
                     "requestBody": {"required": False, "content": content(FlipRequest)},
-                    "responses": answers(state_ok, *change_errors),
+                    "responses": {**answers(state_ok, *change_errors), "202": waited},
                 }
             },
             "/v1/weights": {
                 "put": {
                     "operationId": "setWeights",
                     "summary": "Split traffic by relative weights.",
-                    "parameters": [if_match],
+                    "parameters": [if_match, *wait],
                     "requestBody": {"required": True, "content": content(WeightsRequest)},
-                    "responses": answers(state_ok, *change_errors),
+                    "responses": {**answers(state_ok, *change_errors), "202": waited},
+                }
+            },
+            "/v1/fleet": {
+                "get": {
+                    "operationId": "getFleet",
+                    "summary": "The live nodes sharing this switch: the version each runs, lag, last seen.",
+                    "description": "Empty `nodes` for a single instance (state in a file). 503 while the "
+                    "shared store does not answer.",
+                    "responses": answers(ok(FleetView), 503),
                 }
             },
             "/v1/events": {

@@ -7,6 +7,7 @@ from typing import Protocol
 from ..control.audit import AuditLog
 from ..control.controller import Controller
 from ..control.drain import Drainer
+from ..control.fleet import Fleet
 from ..control.membership import Membership
 from ..control.reload import ReloadResult
 from ..control.rollout import RolloutRunner
@@ -42,6 +43,10 @@ class Process(Protocol):
     @property
     def membership(self) -> Membership:
         """Pool membership; changed only through its methods."""
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """This node's part in a fleet (state_store etcd or Redis); None for a single instance."""
 
     @property
     def last_reload(self) -> ReloadResult | None: ...

@@ -24,6 +24,7 @@ from ..dataplane.routing import RouteTable
 from ..dataplane.runtime import Runtime
 from .audit import AuditLog, AuditLogError, switch_event
 from .drain import Drainer
+from .shared import SharedStore, StoreConflict, StoreUnavailable, encode_document
 from .state import PersistedState, StateBackend, StateFileError
 
 log = logging.getLogger("bgproxy.control")
@@ -32,6 +33,7 @@ Change = Callable[[Switchboard, float], SwitchResult]
 # Checks a planned change (from, to) and raises SwitchError to refuse it; skipped when forced.
 Guard = Callable[[Weights, Weights], Awaitable[None]]
 Records = tuple[dict[str, Any], ...]
+CONFLICT_RETRIES = 5  # another node wrote first: read its version, try again on it (If-Match still holds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class Frozen(SwitchError):
     """The state file belongs to another process now (a takeover) or this one is stopping (503)."""
 
 
+class StoreDown(Frozen):
+    """The fleet's shared store is unreachable: traffic goes on as it was, changes wait (503)."""
+
+
 class RolloutHolds(SwitchError):
     """A flip or weights change while a rollout holds the switch, without force (answered 409)."""
 
@@ -60,6 +66,13 @@ def route_table(
         c: DrainWindow(d.started_at, d.deadline) for c, d in board.drains().items()
     }
     return RouteTable(board.version, weights.blue, weights.green, sticky, preview, drains)
+
+
+def _busy() -> SwitchError:
+    return SwitchError(
+        f"the shared state changed {CONFLICT_RETRIES} times while this change was planned; nothing "
+        "changed, try again"
+    )
 
 
 class Controller:
@@ -83,7 +96,11 @@ class Controller:
         rollouts: Records = (),
         pools: dict[str, Any] | None = None,
         audit: AuditLog | None = None,
+        shared: SharedStore | None = None,
+        node: str = "local",
     ) -> None:
+        """``store``: the state file (in a fleet, this node's last-known-good copy of the shared state);
+        ``shared``: the fleet's store, the one every change is a compare-and-swap on."""
         self.switchboard = switchboard
         self.store = store
         self._runtime = runtime
@@ -100,6 +117,14 @@ class Controller:
         self.pools = pools
         self.audit = audit
         self.frozen: str | None = None  # why no change is taken now; None: changes are taken
+        self.shared = shared
+        self.node = node
+        self.revision: int | None = None  # the shared store's revision of the state this node runs
+        self.store_error: str | None = None  # why the shared store is degraded; None: it answers
+        # Called under the lock when another node's version brings different pools or rollout records.
+        self.on_pools: Callable[[dict[str, Any] | None], None] | None = None
+        self.on_rollouts: Callable[[Records], None] | None = None
+        self.on_applied: Callable[[], None] | None = None  # a new version runs here (the fleet acks it)
 
     async def flip(
         self,
@@ -166,10 +191,14 @@ class Controller:
         """Persist rollout records (with the weights as they are); ``release``: the rollout ended, so
         nobody holds the switch. Never takes the switch: only a rollout's start does."""
         async with self._lock:
-            self._check_open()
-            board = self.switchboard
-            state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
-            await asyncio.to_thread(self.store.save, state)
+            for _ in self._attempts():
+                self._check_open()
+                board = self.switchboard
+                state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
+                if await self._persist(state, {"actor": "rollout"}):
+                    break
+            else:
+                raise _busy()
             self.rollouts = rollouts
             if release:
                 self.holder = None
@@ -183,21 +212,124 @@ class Controller:
         ``plan`` raises to refuse, returns None for no change; its ``apply`` must not fail.
         """
         async with self._lock:
-            self._check_open()
-            board = self.switchboard
-            if expected_version is not None and expected_version != board.version:
-                raise VersionConflict(expected_version, board.version)
-            planned = await plan()
-            if planned is None:
-                return board.version
-            now = time.time()
-            state = PersistedState(board.weights, board.version + 1, now, self.rollouts, planned.pools)
-            await asyncio.to_thread(self.store.save, state)
+            for _ in self._attempts():
+                self._check_open()
+                board = self.switchboard
+                if expected_version is not None and expected_version != board.version:
+                    raise VersionConflict(expected_version, board.version)
+                planned = await plan()
+                if planned is None:
+                    return board.version
+                now = time.time()
+                state = PersistedState(board.weights, board.version + 1, now, self.rollouts, planned.pools)
+                if await self._persist(state, {"actor": planned.event.get("actor"), "kind": "pool"}):
+                    break
+            else:
+                raise _busy()
             version = board.touch(now)
             self.pools = planned.pools
             planned.apply()
+            self._applied()
             await self.record({**planned.event, "version": version})
             return version
+
+    def _attempts(self) -> range:
+        return range(CONFLICT_RETRIES)
+
+    async def _persist(self, state: PersistedState, change: dict[str, Any]) -> bool:
+        """Save a planned state; False if another node of the fleet wrote first (its version is
+        applied here by then, and the caller plans again from it). Raises StoreDown (503) when the
+        shared store cannot be reached and StateFileError when the file cannot be written."""
+        if self.shared is None:
+            # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
+            await asyncio.to_thread(self.store.save, state)
+            return True
+        document = encode_document(state, {**change, "node": self.node})
+        try:
+            try:
+                self.revision = await self.shared.swap(self.revision, document)
+            except StoreConflict:
+                await self._sync_locked()
+                return False
+        except StoreUnavailable as exc:
+            self.store_error = str(exc)
+            raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
+        self.store_error = None
+        await self._keep_local(state)
+        return True
+
+    async def _keep_local(self, state: PersistedState) -> None:
+        """This node's last-known-good copy, what it starts from if the store is down then."""
+        try:
+            await asyncio.to_thread(self.store.save, state)
+        except StateFileError as exc:
+            log.error("could not keep the local copy of the shared state: %s", exc)
+
+    async def sync(self) -> None:
+        """Run the shared store's version of the state if it is not the one running here (raises
+        StoreUnavailable while the store is down)."""
+        async with self._lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        assert self.shared is not None
+        stored = await self.shared.read()
+        self.store_error = None
+        if stored is None:
+            # The store lost its data (or this node came first): seed it with what runs here.
+            board = self.switchboard
+            state = PersistedState(board.weights, board.version, board.updated_at, self.rollouts, self.pools)
+            log.warning("the shared state is empty: writing this node's", extra={"store": self.shared.where})
+            try:
+                self.revision = await self.shared.swap(None, encode_document(state, {"node": self.node}))
+            except StoreConflict:
+                await self._sync_locked()  # another node seeded it first: take theirs
+            return
+        if stored.revision == self.revision:
+            return
+        self._adopt(stored.state, stored.change)
+        self.revision = stored.revision
+        await self._keep_local(stored.state)
+
+    def _adopt(self, state: PersistedState, change: dict[str, Any]) -> None:
+        """Another node's version: its weights (drains start here too), pools and rollout records."""
+        board = self.switchboard
+        drain_timeout = change.get("drain_timeout")
+        result = board.adopt(
+            state.weights,
+            state.version,
+            state.updated_at,
+            now=time.time(),
+            actor=str(change.get("actor") or "fleet"),
+            reason=change.get("reason"),
+            drain_timeout=drain_timeout if isinstance(drain_timeout, int | float) else None,
+        )
+        if state.pools != self.pools:
+            self.pools = state.pools
+            if self.on_pools is not None:
+                self.on_pools(state.pools)
+        if state.rollouts != self.rollouts:
+            self.rollouts = state.rollouts
+            if self.on_rollouts is not None:
+                self.on_rollouts(state.rollouts)
+        elif result.changed and change.get("owner") != self.holder:
+            self.holder = None  # forced past the rollout on another node: the leader ends it
+        self._runtime.install(route_table(board, self.sticky, self.preview))
+        if result.changed:
+            self._drainer.on_switch(result)
+        self._applied()
+        if result.event is not None:
+            log.info(
+                "fleet: applied version %d from %s (blue=%d green=%d)",
+                state.version,
+                change.get("node"),
+                state.weights.blue,
+                state.weights.green,
+            )
+
+    def _applied(self) -> None:
+        if self.on_applied is not None:
+            self.on_applied()
 
     async def freeze(self, why: str) -> None:
         """Take no change from now on, once any change in progress is written (its lock released)."""
@@ -209,7 +341,13 @@ class Controller:
             raise Frozen(f"{self.frozen}; nothing changed")
 
     async def record(self, event: dict[str, Any]) -> None:
-        """Append to the audit log, durably; the change already happened, so a failed write is logged."""
+        """Append to the audit log, durably, and to the fleet's; the change already happened, so a
+        failed write is logged."""
+        if self.shared is not None:
+            try:
+                await self.shared.append_event({**event, "node": self.node})
+            except StoreUnavailable as exc:
+                log.error("could not add to the fleet's audit log: %s", exc)
         if self.audit is None:
             return
         try:
@@ -231,33 +369,44 @@ class Controller:
         A caller cancelled during the write is like a crash after it: the file may hold the change.
         """
         async with self._lock:
-            self._check_open()
-            if self.holder is not None and owner != self.holder and not force:
-                raise RolloutHolds(
-                    f'rollout {self.holder} is running; nothing changed. Send "force": true to abort it '
-                    "and apply this change, or act on the rollout (/v1/rollouts/current)"
+            for _ in self._attempts():
+                self._check_open()
+                if self.holder is not None and owner != self.holder and not force:
+                    raise RolloutHolds(
+                        f'rollout {self.holder} is running; nothing changed. Send "force": true to abort '
+                        "it and apply this change, or act on the rollout (/v1/rollouts/current)"
+                    )
+                board = self.switchboard
+                now = time.time()  # wall clock: shown as updated_at, and drains are timed on it too
+                scratch = Switchboard(
+                    board.weights,
+                    drain_timeout=board.drain_timeout,
+                    version=board.version,
+                    updated_at=board.updated_at,
+                    max_events=0,
                 )
-            board = self.switchboard
-            now = time.time()  # wall clock: it is shown as updated_at, and drains are timed on it too
-            scratch = Switchboard(
-                board.weights,
-                drain_timeout=board.drain_timeout,
-                version=board.version,
-                updated_at=board.updated_at,
-                max_events=0,
-            )
-            preview = change(scratch, now)  # raises before anything live is touched
-            if preview.event is None:
-                return preview
-            if self._guard is not None and not force:
-                await self._guard(preview.event.from_weights, preview.event.to_weights)
-            records = self.rollouts if rollouts is None else rollouts
-            planned = PersistedState(
-                preview.event.to_weights, preview.event.version, now, records, self.pools
-            )
-            if not urgent:
-                # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
-                await asyncio.to_thread(self.store.save, planned)
+                preview = change(scratch, now)  # raises before anything live is touched
+                if preview.event is None:
+                    return preview
+                if self._guard is not None and not force:
+                    await self._guard(preview.event.from_weights, preview.event.to_weights)
+                records = self.rollouts if rollouts is None else rollouts
+                planned = PersistedState(
+                    preview.event.to_weights, preview.event.version, now, records, self.pools
+                )
+                how = {
+                    "actor": preview.event.actor,
+                    "reason": preview.event.reason,
+                    # Drains on the other nodes end when this node's do.
+                    "drain_timeout": next(
+                        (d.deadline - d.started_at for d in preview.started_draining), None
+                    ),
+                    "owner": owner,
+                }
+                if urgent or await self._persist(planned, how):
+                    break
+            else:
+                raise _busy()
             # Same weights and version as the scratch copy, so the live apply cannot be refused.
             result = change(board, now)
             event = result.event
@@ -283,8 +432,9 @@ class Controller:
             self._drainer.on_switch(result)
             if urgent:
                 try:
-                    await asyncio.to_thread(self.store.save, planned)
-                except StateFileError as exc:
+                    await self._persist(planned, how)
+                except (StateFileError, SwitchError) as exc:
                     log.error("a rollback is live but could not be saved: %s", exc)
+            self._applied()
             await self.record(switch_event(event))
             return result

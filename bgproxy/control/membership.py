@@ -159,6 +159,41 @@ class Membership:
         wanted = [str(hp) for hp in parse_upstreams(addrs)]
         return await self._change(color, lambda live: wanted, how, config_list)
 
+    def adopt(self, intent: Mapping[str, Any] | None) -> None:
+        """Another node's membership change (it probed the new upstreams): same swap, no probe."""
+        try:
+            lists, _ = reconcile(self.config_lists, intent)
+        except ValueError as exc:
+            log.error("the shared state's pools do not read; keeping these: %s", exc)
+            return
+        for color in COLORS:
+            pool = self.runtime.pools[color]
+            by_addr = {up.addr: up for up in pool.upstreams}
+            wanted = lists[color]
+            if wanted == list(by_addr):
+                continue
+            fresh = {a: _upstream(color, a, self.max_idle[color]) for a in wanted if a not in by_addr}
+            removed = [up for up in pool.upstreams if up.addr not in wanted]
+            self._swap(color, wanted, by_addr, fresh, removed)
+            log.info("pool membership changed by another node", extra={"color": color, "upstreams": wanted})
+
+    def _swap(
+        self,
+        color: Color,
+        wanted: list[str],
+        by_addr: Mapping[str, Upstream],
+        fresh: Mapping[str, Upstream],
+        removed: Sequence[Upstream],
+    ) -> None:
+        """Install the new list whole; removed upstreams drain, new ones are health-checked."""
+        self.runtime.pools[color].replace([by_addr.get(a) or fresh[a] for a in wanted])
+        for up in removed:
+            up.retire()
+            self._health.unwatch(up)
+            self._drainer.drain_upstream(up, self.drain_timeout)
+        for up in fresh.values():
+            self._health.watch(up)
+
     async def _change(
         self,
         color: Color,
@@ -190,13 +225,7 @@ class Membership:
                 )
 
             def apply() -> None:
-                pool.replace([by_addr.get(a) or fresh[a] for a in wanted])
-                for up in removed:
-                    up.retire()
-                    self._health.unwatch(up)
-                    self._drainer.drain_upstream(up, self.drain_timeout)
-                for up in fresh.values():
-                    self._health.watch(up)
+                self._swap(color, wanted, by_addr, fresh, removed)
 
             file_list = self.config_lists[color] if config_list is None else config_list
             intent = dict(self._controller.pools or {})

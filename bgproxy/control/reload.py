@@ -24,7 +24,17 @@ from .rollout import RolloutRunner
 log = logging.getLogger("bgproxy.reload")
 
 # Sections a running process cannot take over: they are reported, and apply at the next start.
-RESTART_ONLY = ("admin", "metrics", "state_file", "events_file", "runtime_socket", "logging")
+RESTART_ONLY = (
+    "admin",
+    "metrics",
+    "state_file",
+    "state_store",
+    "state_store_tls",
+    "node_name",
+    "events_file",
+    "runtime_socket",
+    "logging",
+)
 
 
 @dataclass(frozen=True, slots=True)

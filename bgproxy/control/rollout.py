@@ -43,10 +43,11 @@ from ..core.rollout import (
     to_record,
 )
 from ..core.weights import Weights
-from ..dataplane.stats import ColorStats, Stats
+from ..dataplane.stats import Stats
 from .audit import audit_event
 from .configure import error_matcher, webhooks
-from .controller import Controller
+from .controller import Controller, Records
+from .fleet import Fleet, Raw, raw_counts
 
 log = logging.getLogger("bgproxy.rollout")
 
@@ -55,23 +56,24 @@ HISTORY = 20  # rollouts kept (and persisted), newest last
 GATE_RETRY = 1.0  # seconds before a gate whose answer could not be applied is asked again
 
 
-def color_counts(stats: ColorStats, is_error: Callable[[int], bool]) -> Counts:
-    """One color's cumulative counters as the rollout judges them.
+def color_counts(raw: Raw, is_error: Callable[[int], bool]) -> Counts:
+    """One color's cumulative counters (as control.fleet.raw_counts gives them) as the rollout
+    judges them.
 
     An error is a response whose status is in ``error_statuses`` or an exchange an upstream cut
     (reset, timeout mid-body) whatever status it had sent.
     """
     requests = errors = 0
-    for status, n in stats.codes.items():
+    for status, n in raw["codes"].items():
         requests += n
-        if is_error(status):
+        if is_error(int(status)):
             errors += n
-    for status, n in stats.broken.items():
-        if not is_error(status):
+    for status, n in raw["broken"].items():
+        if not is_error(int(status)):
             errors += n
     # Latency is the time to the upstream's response head: a long download, a server-sent event
     # stream or a WebSocket is long by design, not slow.
-    return Counts(requests, errors, tuple(stats.header_counts))
+    return Counts(requests, errors, tuple(raw["latency"]))
 
 
 class RolloutRunner:
@@ -99,6 +101,29 @@ class RolloutRunner:
         self.rollbacks: dict[str, int] = {}
         # Raises ValueError for a malformed record; the App reports it as a state file problem.
         self.history: deque[Rollout] = deque((from_record(r) for r in controller.rollouts), maxlen=HISTORY)
+        # In a fleet only the node holding the lease drives rollouts, on every node's counters summed.
+        self.fleet: Fleet | None = None
+
+    def join(self, fleet: Fleet) -> None:
+        """Drive rollouts only while leading the fleet, on its summed counters; follow the records
+        other nodes write (an operator's action is sent to the leader by the admin API)."""
+        self.fleet = fleet
+        fleet.on_lead = self._on_lead
+        self._controller.on_rollouts = self.adopt
+
+    def _on_lead(self, leading: bool) -> None:
+        running = self.running
+        if leading and running is not None:
+            self._controller.holder = running.id
+            self._resume = True  # a fresh test at the same step, as after a restart
+
+    def adopt(self, records: Records) -> None:
+        """The records another node wrote (the previous leader's, or a forced change's)."""
+        self.history = deque((from_record(r) for r in records), maxlen=HISTORY)
+        running = self.running
+        self._controller.holder = None if running is None else running.id
+        if running is not None and self.fleet is not None and self.fleet.leading:
+            self._resume = True
 
     @property
     def current(self) -> Rollout | None:
@@ -112,9 +137,11 @@ class RolloutRunner:
 
     def observe(self) -> Observation:
         colors = self._stats.colors
+        fleet = self.fleet
+        raw = fleet.summed() if fleet is not None else {c: raw_counts(s) for c, s in colors.items()}
         return Observation(
-            color_counts(colors["blue"], self._is_error),
-            color_counts(colors["green"], self._is_error),
+            color_counts(raw["blue"], self._is_error),
+            color_counts(raw["green"], self._is_error),
             colors["blue"].buckets,
         )
 
@@ -159,6 +186,8 @@ class RolloutRunner:
             await asyncio.sleep(TICK)
             if self.running is None or self._controller.frozen is not None:
                 continue  # frozen: a new process owns the state now, and decides from here on
+            if self.fleet is not None and not self.fleet.leading:
+                continue  # another node decides
             try:
                 await self._tick()
             except Exception:

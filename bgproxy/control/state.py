@@ -93,23 +93,13 @@ class FileStateBackend:
         except ValueError as exc:
             raise StateFileError(self.path, f"not valid JSON: {exc}") from None
         try:
-            return _decode(data)
+            return decode_state(data)
         except (SwitchError, ValueError) as exc:
             raise StateFileError(self.path, str(exc)) from None
 
     def save(self, state: PersistedState) -> None:
         """Write a temp file, fsync, rename it over the old one, fsync the directory so the rename lasts."""
-        text = json.dumps(
-            {
-                "weights": state.weights.as_dict(),
-                "version": state.version,
-                "updated_at": rfc3339(state.updated_at),
-                "pools": state.pools,
-                "rollouts": list(state.rollouts),
-                "format": FORMAT,
-            },
-            indent=2,
-        )
+        text = json.dumps(encode_state(state), indent=2)
         directory = self.path.parent
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
@@ -132,7 +122,20 @@ class FileStateBackend:
             raise StateFileError(self.path, f"cannot write it: {exc.strerror or exc}") from exc
 
 
-def _decode(data: Any) -> PersistedState:
+def encode_state(state: PersistedState) -> dict[str, Any]:
+    """The state as the file holds it (and, in a fleet, the shared store's document)."""
+    return {
+        "weights": state.weights.as_dict(),
+        "version": state.version,
+        "updated_at": rfc3339(state.updated_at),
+        "pools": state.pools,
+        "rollouts": list(state.rollouts),
+        "format": FORMAT,
+    }
+
+
+def decode_state(data: Any) -> PersistedState:
+    """The inverse of encode_state, strictly: raises ValueError (or SwitchError) naming what is wrong."""
     if not isinstance(data, dict):
         raise ValueError(f"top level must be a JSON object, got {type(data).__name__}")
     version_of_file = data.get("format")

@@ -184,12 +184,42 @@ class Switchboard:
         self._updated_at = updated
         self._drains.clear()
 
+    def adopt(
+        self,
+        weights: Weights,
+        version: int,
+        updated_at: float,
+        *,
+        now: float,
+        actor: str,
+        reason: str | None = None,
+        drain_timeout: float | None = None,
+    ) -> SwitchResult:
+        """Take a version another node of the fleet wrote: its weights (draining what lost weight, as
+        a local change would) under its version number, so every node shows the same version."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise SwitchError(f"version must be an integer >= 0, got {version!r}")
+        updated = _check_seconds("updated_at", updated_at, positive=False)
+        result = self._apply(
+            weights, now=now, actor=actor, reason=reason, drain_timeout=drain_timeout, version=version
+        )
+        self._version = version
+        self._updated_at = updated
+        return result
+
     def _check_version(self, expected: int | None) -> None:
         if expected is not None and expected != self._version:
             raise VersionConflict(expected, self._version)
 
     def _apply(
-        self, new: Weights, *, now: float, actor: str, reason: str | None, drain_timeout: float | None
+        self,
+        new: Weights,
+        *,
+        now: float,
+        actor: str,
+        reason: str | None,
+        drain_timeout: float | None,
+        version: int | None = None,
     ) -> SwitchResult:
         """Validate everything, then mutate: nothing below the checks can raise."""
         if not isinstance(new, Weights):
@@ -206,7 +236,12 @@ class Switchboard:
         started = drains_started(old, new, at, timeout)
         cancelled = drains_cancelled(self._drains, new)
         event = SwitchEvent(
-            version=self._version + 1, at=at, from_weights=old, to_weights=new, actor=actor, reason=reason
+            version=self._version + 1 if version is None else version,
+            at=at,
+            from_weights=old,
+            to_weights=new,
+            actor=actor,
+            reason=reason,
         )
         self._weights = new
         self._version = event.version

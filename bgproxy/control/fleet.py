@@ -1,0 +1,247 @@
+"""One node of a fleet: keeps the shared switch state applied here, says so, and leads rollouts in turn.
+
+Four loops, each on its own clock so one slow store call never holds up the others:
+- watch: the store's change notifications; each one reads the document and applies it if new
+  (a few milliseconds from another node's write to the new route table here);
+- poll: the same read every second, so a lost notification or a store that comes back after an
+  outage is caught up within a second;
+- beat: every 250 ms (and at once after a new version is applied) this node's record: the version
+  it runs, when it applied it, and its request counters, which the rollout leader sums;
+- lead: every second, take or keep the rollout lease. A node leads only while its lease is surely
+  still its own (the time of the last successful renewal plus the lease), so when the store is
+  unreachable it stops deciding before another node can start.
+
+A store outage changes nothing for traffic: the node serves the state it has, `store_error` says
+why, and changes are refused by the Controller until the store answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from ..core.colors import COLORS
+from ..dataplane.stats import ColorStats, Stats
+from .controller import Controller
+from .shared import SharedStore, StoreUnavailable
+
+log = logging.getLogger("bgproxy.fleet")
+
+BEAT = 0.25  # seconds between node records: the rollout leader sees counts at least this fresh
+TTL = 3.0  # a node whose record is older than this is not live
+POLL = 1.0  # seconds between reads besides the notifications: resync within this after an outage
+LEASE = 3.0  # the rollout lease: a dead leader is replaced within about this (plus one LEAD)
+LEAD = 1.0  # seconds between attempts to take or renew the lease
+RETRY = 0.2  # seconds before watching again after the store dropped the connection
+
+Raw = dict[str, Any]  # one color's counters as published: codes, broken, latency
+
+
+def raw_counts(stats: ColorStats) -> Raw:
+    """One color's cumulative counters, as a node publishes them for the leader to sum."""
+    return {
+        "codes": {str(k): v for k, v in stats.codes.items()},
+        "broken": {str(k): v for k, v in stats.broken.items()},
+        "latency": list(stats.header_counts),
+    }
+
+
+def add_counts(into: Raw, more: Raw) -> None:
+    for key in ("codes", "broken"):
+        table = into.setdefault(key, {})
+        for status, n in more.get(key, {}).items():
+            table[status] = table.get(status, 0) + n
+    latency = more.get("latency", [])
+    mine = into.setdefault("latency", [0] * len(latency))
+    if len(mine) == len(latency):  # nodes with other latency buckets cannot be summed per bucket
+        into["latency"] = [a + b for a, b in zip(mine, latency, strict=True)]
+
+
+class Fleet:
+    """This node's part in the fleet; the App builds it when ``state_store`` is etcd or Redis."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        shared: SharedStore,
+        stats: Stats,
+        *,
+        node: str,
+        admin_url: Callable[[], str],
+    ) -> None:
+        self.controller = controller
+        self.shared = shared
+        self.node = node
+        self.incarnation = uuid.uuid4().hex[:12]  # a restarted node's counters start again from 0
+        self.started_at = time.time()
+        self.applied_at = time.time()
+        self._stats = stats
+        self._admin_url = admin_url
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lead_until = 0.0
+        self.on_lead: Callable[[bool], None] | None = None  # leadership gained (True) or lost
+        self._was_leading = False
+        self._stopped = False
+        # The leader's memory of every node incarnation's last counters: a node that dies keeps its
+        # share in the sum, so the fleet's counters never go backwards.
+        self._counts: dict[str, dict[str, Raw]] = {}
+        controller.on_applied = self._on_applied
+
+    @property
+    def where(self) -> str:
+        return self.shared.where
+
+    @property
+    def leading(self) -> bool:
+        return time.monotonic() < self._lead_until
+
+    @property
+    def error(self) -> str | None:
+        return self.controller.store_error
+
+    def start(self) -> None:
+        self._wake.set()  # the first record goes out at once: a node shows in /v1/fleet as it starts
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(f()) for f in (self._watch, self._poll, self._beat, self._lead)]
+
+    async def stop(self) -> None:
+        """Idempotent: a graceful shutdown stops the fleet part first, the final stop again."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._was_leading:
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                await asyncio.wait_for(self.shared.resign(self.node), 1.0)
+        await self.shared.close()
+
+    def _on_applied(self) -> None:
+        self.applied_at = time.time()
+        self._wake.set()
+
+    def _down(self, exc: StoreUnavailable) -> None:
+        if self.controller.store_error is None:
+            log.error("state store unreachable: serving the last state, refusing changes: %s", exc)
+        self.controller.store_error = str(exc)
+
+    async def _sync(self) -> None:
+        before = self.controller.store_error
+        try:
+            await self.controller.sync()
+        except StoreUnavailable as exc:
+            self._down(exc)
+            return
+        if before is not None:
+            log.warning("state store is back: in sync again", extra={"store": self.where})
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for _ in self.shared.changes():
+                    await self._sync()
+            except StoreUnavailable as exc:
+                self._down(exc)
+            await asyncio.sleep(RETRY)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL)
+            await self._sync()
+
+    def record(self) -> dict[str, Any]:
+        """What this node publishes: read by /v1/fleet on every node and by the rollout leader."""
+        board = self.controller.switchboard
+        return {
+            "node": self.node,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+            "admin": self._admin_url(),
+            "version": board.version,
+            "revision": self.controller.revision,
+            "applied_at": self.applied_at,
+            "seen": time.time(),
+            "started_at": self.started_at,
+            "leader": self.leading,
+            "store": "degraded" if self.error else "ok",
+            "counts": {c: raw_counts(self._stats.colors[c]) for c in COLORS},
+        }
+
+    async def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), BEAT)
+            self._wake.clear()
+            try:
+                await self.shared.beat(self.node, self.record(), TTL)
+                if self.leading:
+                    self._remember(await self.shared.nodes())
+            except StoreUnavailable as exc:
+                self._down(exc)
+
+    async def _lead(self) -> None:
+        while True:
+            asked = time.monotonic()
+            try:
+                if await self.shared.lead(self.node, LEASE):
+                    self._lead_until = asked + LEASE
+            except StoreUnavailable as exc:
+                self._down(exc)
+            leading = self.leading
+            if leading != self._was_leading:
+                self._was_leading = leading
+                log.warning("fleet: %s the rollout lease", "took" if leading else "lost")
+                if leading:
+                    self._counts.clear()
+                    self._remember(await self._nodes_or_none() or {})
+                if self.on_lead is not None:
+                    self.on_lead(leading)
+            await asyncio.sleep(max(0.0, LEAD - (time.monotonic() - asked)))
+
+    async def _nodes_or_none(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            return await self.shared.nodes()
+        except StoreUnavailable:
+            return None
+
+    def _remember(self, nodes: dict[str, dict[str, Any]]) -> None:
+        for record in nodes.values():
+            counts = record.get("counts")
+            incarnation = record.get("incarnation")
+            if isinstance(counts, dict) and isinstance(incarnation, str):
+                self._counts[incarnation] = counts
+        # This node's own counters are read live, not as last published.
+        self._counts[self.incarnation] = {c: raw_counts(self._stats.colors[c]) for c in COLORS}
+
+    def summed(self) -> dict[str, Raw]:
+        """Every node's counters added up, per color (the leader judges rollouts on these)."""
+        self._counts[self.incarnation] = {c: raw_counts(self._stats.colors[c]) for c in COLORS}
+        total: dict[str, Raw] = {c: {} for c in COLORS}
+        for counts in self._counts.values():
+            for color in COLORS:
+                add_counts(total[color], counts.get(color, {}))
+        return total
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        return await self.shared.nodes()
+
+    async def wait_applied(self, version: int, within: float) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """Wait until every live node runs ``version`` or later; (all did, the live nodes)."""
+        deadline = time.monotonic() + within
+        while True:
+            nodes = await self.shared.nodes()
+            if all(r.get("version", -1) >= version for r in nodes.values()):
+                return True, nodes
+            if time.monotonic() >= deadline:
+                return False, nodes
+            await asyncio.sleep(0.01)

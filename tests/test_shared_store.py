@@ -1,0 +1,410 @@
+"""The SharedStore contract, against a real Redis and a real etcd (stores.py runs them).
+
+Every test here runs once per backend: the fleet must not be able to tell them apart. Times are
+measured against the clock but asserted loosely (a slow CI box must not fail them), and the
+measured values are printed for ``pytest -s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pytest
+
+from bgproxy.control import etcd_store, redis_store
+from bgproxy.control.etcd_store import EtcdStore
+from bgproxy.control.shared import (
+    SharedStore,
+    StoreConflict,
+    StoreUnavailable,
+    encode_document,
+)
+from bgproxy.control.state import PersistedState
+from bgproxy.control.shared import StoreTLS
+from bgproxy.core.weights import Weights
+
+if TYPE_CHECKING:  # stores.py is imported by pytest_plugins, first, so pytest rewrites its asserts
+    from stores import Certs, EtcdServer, OpenStore, StoreServer
+
+pytest_plugins = ("stores",)
+
+TTL = 1.0  # the shortest TTL etcd grants (with the test server's election timeout; see stores.py)
+
+
+def document(blue: int, version: int, node: str = "a") -> str:
+    return encode_document(PersistedState(Weights(blue, 100 - blue), version, time.time()), {"node": node})
+
+
+async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
+    """Poll ``check`` until true; the seconds it took (fails the test after ``seconds``)."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > seconds:
+            pytest.fail(f"not so within {seconds} s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def next_change(changes: AsyncIterator[None], timeout: float = 3.0) -> None:
+    await asyncio.wait_for(anext(changes), timeout)
+
+
+async def stop(changes: AsyncIterator[None]) -> None:
+    """End a changes() generator now (closing its connection), not whenever it is collected."""
+    aclose = getattr(changes, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def until_it_raises(changes: AsyncIterator[None]) -> None:
+    """Iterate to the end (a store may yield once more as its connection drops: reading is harmless)."""
+    async for _ in changes:
+        pass
+
+
+async def test_read_swap_read(open_store: OpenStore) -> None:
+    store = open_store()
+    assert await store.read() is None
+    revision = await store.swap(None, document(100, 1))
+    assert isinstance(revision, int)
+    assert revision > 0
+    stored = await store.read()
+    assert stored is not None
+    assert (stored.revision, stored.state.weights, stored.state.version) == (revision, Weights(100, 0), 1)
+    assert stored.change == {"node": "a"}
+    again = await open_store().read()  # another client sees the same
+    assert again == stored
+
+
+async def test_stale_swap_conflicts_and_changes_nothing(open_store: OpenStore) -> None:
+    store = open_store()
+    first = await store.swap(None, document(100, 1))
+    second = await store.swap(first, document(90, 2))
+    assert second > first
+    with pytest.raises(StoreConflict) as stale:
+        await store.swap(first, document(0, 3))
+    assert (stale.value.expected, stale.value.actual) == (first, second)
+    assert str(second) in str(stale.value)
+    with pytest.raises(StoreConflict) as create:
+        await store.swap(None, document(0, 3))  # "none yet" is stale too once there is one
+    assert (create.value.expected, create.value.actual) == (0, second)
+    stored = await store.read()
+    assert stored is not None
+    assert (stored.revision, stored.state.version, stored.state.weights) == (second, 2, Weights(90, 10))
+
+
+async def test_swap_on_a_missing_document_conflicts(open_store: OpenStore) -> None:
+    store = open_store()
+    with pytest.raises(StoreConflict) as missing:
+        await store.swap(5, document(100, 1))
+    assert (missing.value.expected, missing.value.actual) == (5, 0)
+    assert await store.read() is None
+
+
+async def test_concurrent_swaps_exactly_one_wins(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    revision = await a.swap(None, document(100, 1))
+    for version in range(2, 12):
+        outcomes = await asyncio.gather(
+            a.swap(revision, document(100, version, "a")),
+            b.swap(revision, document(0, version, "b")),
+            return_exceptions=True,
+        )
+        won = [o for o in outcomes if isinstance(o, int)]
+        lost = [o for o in outcomes if isinstance(o, StoreConflict)]
+        assert len(won) == 1, outcomes
+        assert len(lost) == 1, outcomes
+        assert lost[0].actual == won[0]
+        stored = await a.read()
+        assert stored is not None
+        assert stored.revision == won[0]
+        assert stored.change["node"] == ("a" if outcomes[0] == won[0] else "b")
+        revision = won[0]
+
+
+async def test_changes_reach_another_client_quickly(open_store: OpenStore, store_server: StoreServer) -> None:
+    writer, watcher = open_store(), open_store()
+    changes = watcher.changes()
+    try:
+        await next_change(changes)  # watching now
+        revision = None
+        for blue in (100, 50):
+            waiting = asyncio.ensure_future(next_change(changes))
+            start = time.monotonic()
+            revision = await writer.swap(revision, document(blue, 1 + blue))
+            await waiting
+            took = time.monotonic() - start
+            print(f"{store_server.kind}: a change reached the other client in {took * 1000:.1f} ms")
+            assert took < 0.5
+            stored = await watcher.read()
+            assert stored is not None
+            assert stored.revision == revision
+        await asyncio.sleep(1.5)  # idle past the store's liveness check: the watch must stay up
+        waiting = asyncio.ensure_future(next_change(changes))
+        await writer.swap(revision, document(0, 200))
+        await waiting
+    finally:
+        await stop(changes)
+
+
+async def test_node_records_live_while_beaten(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    assert await a.nodes() == {}
+    await a.beat("node-a", {"version": 1, "counts": {"blue": {"2xx": 3}}}, TTL)
+    await b.beat("node-b", {"version": 1}, TTL)
+    assert await b.nodes() == {
+        "node-a": {"version": 1, "counts": {"blue": {"2xx": 3}}},
+        "node-b": {"version": 1},
+    }
+    for version in (2, 3):  # beaten past its first TTL: renewed, and the record replaced
+        await asyncio.sleep(0.6 * TTL)
+        await a.beat("node-a", {"version": version}, TTL)
+    last_beat = time.monotonic()
+    assert (await b.nodes())["node-a"] == {"version": 3}
+
+    async def only_b_gone() -> bool:
+        return set(await b.nodes()) == {"node-a"}
+
+    async def all_gone() -> bool:
+        return await b.nodes() == {}
+
+    await within(2.5, only_b_gone)
+    await within(TTL + 2.0, all_gone)
+    print(f"a record with a {TTL} s TTL was gone {time.monotonic() - last_beat:.2f} s after its last beat")
+
+
+async def test_rollout_lease(open_store: OpenStore, store_server: StoreServer) -> None:
+    a, b = open_store(), open_store()
+    assert await a.leader() is None
+    assert await a.lead("a", TTL)
+    assert not await b.lead("b", TTL)
+    assert await b.leader() == "a"
+    for _ in range(3):  # renewed past its TTL
+        await asyncio.sleep(0.6 * TTL)
+        assert await a.lead("a", TTL)
+        assert not await b.lead("b", TTL)
+    await b.resign("b")  # not b's to give up
+    assert await a.leader() == "a"
+    await a.resign("a")
+    assert await b.leader() is None
+    assert await b.lead("b", TTL)
+    assert not await a.lead("a", TTL)
+    stopped = time.monotonic()
+
+    async def free() -> bool:
+        return await a.leader() is None
+
+    await within(TTL + 2.0, free)
+    print(f"{store_server.kind}: an unrenewed {TTL} s lease freed after {time.monotonic() - stopped:.2f} s")
+    assert await a.lead("a", TTL)
+    assert await b.leader() == "a"
+
+
+async def test_events_oldest_first_and_bounded(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = open_store(), open_store()
+    assert await a.events() == []
+    for n in range(4):
+        await (a if n % 2 else b).append_event({"n": n, "kind": "flip"})
+    assert [e["n"] for e in await b.events()] == [0, 1, 2, 3]
+    for module in (redis_store, etcd_store):
+        monkeypatch.setattr(module, "EVENTS_KEPT", 5)
+    for n in range(4, 12):
+        await (a if n % 2 else b).append_event({"n": n})
+    assert [e["n"] for e in await a.events()] == [7, 8, 9, 10, 11]
+    for module in (redis_store, etcd_store):
+        monkeypatch.setattr(module, "EVENTS_KEPT", 1000)
+    assert len(await a.events()) <= 5 + 5 // 10  # what was trimmed is gone, not just hidden
+
+
+async def test_a_killed_store_is_unavailable_then_back(
+    open_store: OpenStore, store_server: StoreServer
+) -> None:
+    store, watcher = open_store(), open_store()
+    revision = await store.swap(None, document(100, 1))
+    await store.beat("node-a", {"version": 1}, 3.0)
+    changes = watcher.changes()
+    try:
+        await next_change(changes)
+        ended = asyncio.ensure_future(until_it_raises(changes))
+        await asyncio.sleep(0.1)
+        store_server.kill()
+        killed = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="state store"):
+            await asyncio.wait_for(ended, 5)
+        print(f"{store_server.kind}: changes() ended {time.monotonic() - killed:.2f} s after the kill")
+        assert time.monotonic() - killed < 2.5
+    finally:
+        await stop(changes)
+
+    calls: list[Callable[[], Awaitable[object]]] = [
+        store.read,
+        lambda: store.swap(revision, document(50, 2)),
+        lambda: store.beat("node-a", {"version": 2}, 3.0),
+        lambda: store.lead("a", 3.0),
+        store.nodes,
+        store.events,
+    ]
+    for call in calls:
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="state store") as down:
+            await asyncio.wait_for(call(), 5)
+        assert time.monotonic() - start < 2.0
+        assert "127.0.0.1" in str(down.value)
+
+    await store_server.start()
+    stored = await store.read()
+    assert stored is not None
+    assert (stored.revision, stored.state.version) == (revision, 1)
+    await store.beat("node-a", {"version": 2}, 3.0)
+    assert await watcher.nodes() == {"node-a": {"version": 2}}
+    changes = watcher.changes()
+    try:
+        await next_change(changes)
+        waiting = asyncio.ensure_future(next_change(changes))
+        new = await store.swap(revision, document(50, 2))
+        await waiting
+        stored = await watcher.read()
+        assert stored is not None
+        assert (stored.revision, stored.state.version) == (new, 2)
+    finally:
+        await stop(changes)
+
+
+async def test_an_unreachable_store_is_unavailable(open_store: OpenStore, store_server: StoreServer) -> None:
+    store_server.kill()
+    store = open_store()
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="state store"):
+        await store.read()
+    changes = store.changes()
+    with pytest.raises(StoreUnavailable, match="state store"):
+        await next_change(changes)
+    assert time.monotonic() - start < 2.0
+
+
+async def test_a_frozen_store_is_unavailable_within_two_seconds(
+    open_store: OpenStore, store_server: StoreServer
+) -> None:
+    """SIGSTOP: no FIN, no RST, just silence (a host gone off the network), unlike a kill."""
+    store, watcher = open_store(), open_store()
+    revision = await store.swap(None, document(100, 1))
+    changes = watcher.changes()
+    try:
+        await next_change(changes)
+        ended = asyncio.ensure_future(until_it_raises(changes))
+        store_server.pause()
+        frozen = time.monotonic()
+        for call in (store.read, lambda: store.swap(revision, document(50, 2))):
+            start = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="state store"):
+                await asyncio.wait_for(call(), 5)
+            assert time.monotonic() - start < 1.5
+        with pytest.raises(StoreUnavailable, match="state store"):
+            await asyncio.wait_for(ended, 5)
+        took = time.monotonic() - frozen
+        print(f"{store_server.kind}: changes() ended {took:.2f} s after the server froze")
+        assert took < 3.0
+    finally:
+        store_server.resume()
+        await stop(changes)
+    stored = await store.read()
+    assert stored is not None
+    assert stored.revision == revision
+
+
+# etcd alone: TLS, authentication (and etcd forgetting a token when it restarts).
+
+
+async def _enable_auth(server: EtcdServer) -> None:
+    base = f"http://127.0.0.1:{server.port}/v3/auth"
+    async with aiohttp.ClientSession() as session:
+        for path, body in (
+            ("user/add", {"name": "root", "password": "s3cret"}),
+            ("role/add", {"name": "root"}),
+            ("user/grant", {"user": "root", "role": "root"}),
+            ("enable", {}),
+        ):
+            async with session.post(f"{base}/{path}", json=body) as response:
+                assert response.status == 200, await response.text()
+
+
+async def test_etcd_authenticates_and_again_after_a_restart(private_etcd: Callable[..., EtcdServer]) -> None:
+    etcd_with_auth = private_etcd()
+    await etcd_with_auth.start()
+    await _enable_auth(etcd_with_auth)
+    url = etcd_with_auth.url("auth")
+    stores: list[SharedStore] = []
+    try:
+        anonymous = EtcdStore(url)
+        wrong = EtcdStore(url, username="root", password="wrong")
+        store = EtcdStore(url, username="root", password="s3cret")
+        stores += [anonymous, wrong, store]
+        with pytest.raises(StoreUnavailable, match="user name is empty"):
+            await anonymous.read()
+        with pytest.raises(StoreUnavailable, match="authentication failed") as refused:
+            await wrong.read()
+        assert "wrong" not in str(refused.value)
+        assert "s3cret" not in store.where
+        revision = await store.swap(None, document(100, 1))
+        etcd_with_auth.kill()
+        await etcd_with_auth.start()  # simple tokens live in memory: the old one is now invalid
+        stored = await store.read()
+        assert stored is not None
+        assert stored.revision == revision
+        etcd_with_auth.kill()
+        await etcd_with_auth.start()
+        changes = store.changes()  # the watch too authenticates again
+        try:
+            await next_change(changes)
+            waiting = asyncio.ensure_future(next_change(changes))
+            await store.swap(revision, document(0, 2))
+            await waiting
+        finally:
+            await stop(changes)
+        await store.beat("n", {"ok": True}, TTL)
+        assert await store.lead("n", TTL)
+        await store.append_event({"n": 1})
+        assert await store.events() == [{"n": 1}]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_etcd_over_tls_with_a_client_certificate(
+    private_etcd: Callable[..., EtcdServer], tmp_path: Path
+) -> None:
+    from stores import make_certs  # noqa: PLC0415 - loaded by pytest_plugins by now
+
+    certs: Certs = make_certs(tmp_path)
+    server = private_etcd(certs)
+    await server.start()
+    url = server.url("tls")
+    assert url.startswith("etcds://")
+    good = EtcdStore(url, tls=StoreTLS(certs.ca, certs.client_cert, certs.client_key))
+    unknown_ca = EtcdStore(url)  # the system's CAs do not know the test CA
+    no_client_cert = EtcdStore(url, tls=StoreTLS(certs.ca))
+    try:
+        revision = await good.swap(None, document(100, 1))
+        changes = good.changes()
+        try:
+            await next_change(changes)
+            waiting = asyncio.ensure_future(next_change(changes))
+            await good.swap(revision, document(0, 2))
+            await waiting
+        finally:
+            await stop(changes)
+        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+            await unknown_ca.read()
+        with pytest.raises(StoreUnavailable, match="state store etcds://127.0.0.1"):
+            await no_client_cert.read()
+    finally:
+        for store in (good, unknown_ca, no_client_cert):
+            await store.close()
