@@ -21,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # `from upstreams import ...` in
 from bgproxy.app import App
 from bgproxy.config import load_config
 
+# Real Redis and etcd servers (tests/stores.py) for the fleet tests; loaded here, once, before any
+# test module imports it, so its asserts are rewritten like every test helper's.
+pytest_plugins = ("stores",)
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test stale compiled modules: a .so older than its .py would shadow the edit."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -18,14 +19,17 @@ import aiohttp
 import pytest
 from jsonschema import Draft202012Validator
 from process import BgproxyProcess
-from stores import StoreServer
+from stores import StoreServer, make_store
 from upstreams import Origin, origin
 from waiting import until
 
 from bgproxy.admin.openapi import openapi_document
+from bgproxy.control.shared import encode_document
+from bgproxy.control.state import PersistedState
+from bgproxy.core.errors import VersionConflict
+from bgproxy.core.weights import Weights
 
 pytestmark = pytest.mark.timeout(90)
-pytest_plugins = ("stores",)
 
 DONE = {"promoted", "rolled_back", "aborted"}
 FAST = {"step_pause": "100ms", "min_requests": 30, "bake": "200ms"}
@@ -78,6 +82,12 @@ async def fleet(
         for node in f.nodes:
             stack.callback(node.kill)
         await asyncio.gather(*(node.start(session) for node in f.nodes))
+
+        async def all_listed() -> bool:  # each node's first record is out a moment after it is ready
+            _, view = await f.api(session, 0, "GET", "/v1/fleet")
+            return len(view["nodes"]) == n
+
+        await until(all_listed, timeout=10)
         yield f, session, blue, green
 
 
@@ -296,3 +306,32 @@ async def test_a_fleet_rollout_rolls_back_on_the_summed_error_ratio(
         assert evidence["errors"] > 0 and evidence["requests"] >= evidence["errors"]
         for s in await f.states(session):
             assert s["weights"]["green"] == 0
+
+
+async def test_if_match_newer_than_this_node_is_read_from_the_store(
+    make_proxy: Any, store_server: StoreServer, tmp_path: Path
+) -> None:
+    """Another node's write whose notification has not arrived yet: its version is read, not refused."""
+    async with origin("blue") as blue, origin("green") as green:
+        url = store_server.url(f"/t-{tmp_path.name}/")
+        proxy = await make_proxy([blue.addr], [green.addr], state_store=url, flip_probe="off")
+        app = proxy.app
+        assert app.fleet is not None
+        for task in app.fleet._tasks[:2]:  # the watch and the poll: this node hears of nothing now
+            task.cancel()
+        other = make_store(url)
+        try:
+            stored = await other.read()
+            assert stored is not None
+            newer = PersistedState(Weights(50, 50), stored.state.version + 1, time.time())
+            await other.swap(stored.revision, encode_document(newer, {"node": "elsewhere"}))
+        finally:
+            await other.close()
+        assert app.switchboard.version == newer.version - 1  # behind
+        result = await app.controller.flip(
+            "green", actor="test", expected_version=newer.version, drain_timeout=None
+        )
+        assert result.event is not None and result.event.version == newer.version + 1
+        assert result.event.from_weights == Weights(50, 50)
+        with pytest.raises(VersionConflict):  # an If-Match older than the store's is still refused
+            await app.controller.flip("blue", actor="test", expected_version=newer.version)

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import MakeProxy, RunningProxy
+from stores import StoreServer
 from upstreams import Origin, origin
 
 from bgproxy.admin import ui
@@ -462,3 +463,21 @@ async def _rollout_panel(
         stop.set()
         with contextlib.suppress(Exception):
             await traffic
+
+
+async def test_a_fleet_node_shows_every_node_and_the_store(
+    browser: Any, make_proxy: MakeProxy, store_server: StoreServer, tmp_path: Path
+) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        url = store_server.url(f"/ui-{tmp_path.name}/")
+        one = await make_proxy(blue=[blue.addr], green=[green.addr], state_store=url, node_name="ui-one")
+        await make_proxy(blue=[blue.addr], green=[green.addr], state_store=url, node_name="ui-two")
+        tab = await open_tab(browser, one)
+        page = tab.page
+        await expect(page.locator("#fleet")).to_be_visible()
+        await expect(page.locator("#fleet-store")).to_contain_text(f"{store_server.kind} ")
+        await expect(page.locator("#fleet-store")).to_contain_text("ok · this node: ui-one")
+        await expect(page.locator("#fleet-body tr")).to_have_count(2)
+        await expect(page.locator('#fleet-body tr[data-node="ui-two"]')).to_contain_text("up to date")
+        await expect(page.locator("#fleet-body")).to_contain_text("(leads rollouts)")
+        assert tab.unexpected_errors() == []

@@ -212,10 +212,12 @@ class Controller:
         ``plan`` raises to refuse, returns None for no change; its ``apply`` must not fail.
         """
         async with self._lock:
-            for _ in self._attempts():
+            for attempt in self._attempts():
                 self._check_open()
                 board = self.switchboard
                 if expected_version is not None and expected_version != board.version:
+                    if await self._behind(attempt, expected_version):
+                        continue
                     raise VersionConflict(expected_version, board.version)
                 planned = await plan()
                 if planned is None:
@@ -235,6 +237,18 @@ class Controller:
 
     def _attempts(self) -> range:
         return range(CONFLICT_RETRIES)
+
+    async def _behind(self, attempt: int, expected: int) -> bool:
+        """An If-Match newer than this node's version: another node wrote it and it is on its way
+        here. Read it now (once) so If-Match holds the same on every node; True: plan again."""
+        if self.shared is None or attempt > 0 or expected <= self.switchboard.version:
+            return False
+        try:
+            await self._sync_locked()
+        except StoreUnavailable as exc:
+            self.store_error = str(exc)
+            raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
+        return True
 
     async def _persist(self, state: PersistedState, change: dict[str, Any]) -> bool:
         """Save a planned state; False if another node of the fleet wrote first (its version is
@@ -369,7 +383,7 @@ class Controller:
         A caller cancelled during the write is like a crash after it: the file may hold the change.
         """
         async with self._lock:
-            for _ in self._attempts():
+            for attempt in self._attempts():
                 self._check_open()
                 if self.holder is not None and owner != self.holder and not force:
                     raise RolloutHolds(
@@ -385,7 +399,12 @@ class Controller:
                     updated_at=board.updated_at,
                     max_events=0,
                 )
-                preview = change(scratch, now)  # raises before anything live is touched
+                try:
+                    preview = change(scratch, now)  # raises before anything live is touched
+                except VersionConflict as exc:
+                    if await self._behind(attempt, exc.expected):
+                        continue
+                    raise
                 if preview.event is None:
                     return preview
                 if self._guard is not None and not force:

@@ -280,7 +280,10 @@
     model.drains = event.drains;
     model.rollout = event.rollout;
     render();
-    if (event.state.version !== model.eventsVersion) loadEvents(event.state.version);
+    if (event.state.version !== model.eventsVersion) {
+      loadEvents(event.state.version);
+      loadFleet();
+    }
   }
 
   function onHistory(event) {
@@ -305,11 +308,53 @@
       if (s.errors.length > HISTORY) s.errors.splice(0, s.errors.length - HISTORY);
     }
     if (model.state) {
+      if (Date.now() - fleetAt >= FLEET_EVERY) loadFleet();
       for (const color of COLORS) renderCounters(color);
       if (model.rollout && event.rollout && event.rollout.id === model.rollout.id) {
         renderEvidence(model.rollout, event.rollout.evidence);
       }
     }
+  }
+
+  // The fleet panel: only with a shared store; read every FLEET_EVERY ms with the counters, and on a
+  // new version (so "applied" catches up as the nodes apply it).
+  const FLEET_EVERY = 2000;
+  let fleetAt = 0;
+
+  async function loadFleet() {
+    if (!model.state || model.state.store.backend === "file") {
+      $("fleet").hidden = true;
+      return;
+    }
+    fleetAt = Date.now();
+    try {
+      renderFleet(await api("GET", "/v1/fleet"));
+    } catch (err) {
+      $("fleet").hidden = false;
+      $("fleet-store").textContent = `The nodes cannot be listed: ${err.error || err}`;
+      $("fleet-store").className = "bad";
+    }
+  }
+
+  function renderFleet(view) {
+    const s = view.store;
+    $("fleet").hidden = false;
+    $("fleet-store").textContent =
+      `${s.backend} ${s.where}: ${s.status}` + (s.error ? ` (${s.error})` : "") + ` · this node: ${s.node}`;
+    $("fleet-store").className = s.status === "ok" ? "muted" : "bad";
+    const rows = view.nodes.map((n) =>
+      el(
+        "tr",
+        { "data-node": n.node },
+        el("td", { text: n.leader ? `${n.node} (leads rollouts)` : n.node }),
+        el("td", { text: String(n.version) }),
+        el("td", { text: n.behind ? `${n.behind} behind` : "up to date" }),
+        el("td", { text: n.lag === null ? "–" : `${(n.lag * 1000).toFixed(0)} ms` }),
+        el("td", { text: `${n.seen_ago.toFixed(1)} s ago` }),
+        el("td", { text: n.store }),
+      ),
+    );
+    $("fleet-body").replaceChildren(...rows);
   }
 
   async function loadEvents(version) {
@@ -789,6 +834,7 @@
     model.state = st;
     render();
     loadEvents(st.version);
+    loadFleet();
     stop();
     running = true;
     watchLoop(generation);
