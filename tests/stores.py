@@ -4,8 +4,13 @@ Each server keeps its data in a temporary directory and can be killed (SIGKILL, 
 started again on the same port and data, for outage tests. One of each runs for the whole session
 (starting etcd takes about a second) and every test works under its own key prefix; a test that
 kills one leaves it for the next test's fixture to start again. Load the fixtures with
-``pytest_plugins = ("stores",)``: ``redis_server``, ``etcd_server``, ``store_server`` (both, in turn)
-and ``open_store`` (stores on that server under the test's own prefix, closed after the test).
+``pytest_plugins = ("stores",)``: ``redis_server``, ``etcd_server``, ``store_server`` (both, in turn),
+``open_store`` (clients of that server under the test's own prefix, closed after the test),
+``private_etcd`` (an etcd of the test's own, e.g. with authentication or TLS) and ``tls_certs``.
+
+A server's ``kill()`` is a crash (SIGKILL) and ``pause()`` a host gone silent (SIGSTOP: connections
+stay open, nothing answers); ``start()`` brings either back. Servers die with the pytest process
+(PR_SET_PDEATHSIG) even if it is killed before its fixtures' teardown.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -100,10 +106,18 @@ class StoreServer:
         pytest.fail(f"{self.kind} not answering after {START_TIMEOUT:.0f} s:\n{self.log_text()}")
 
     def pause(self) -> None:
-        """SIGSTOP: its connections stay open but nothing answers, like a host gone off the network."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGSTOP)
+        """SIGSTOP: its connections stay open but nothing answers, like a host gone off the network.
+        Returns once the process is stopped (a signal to a many-threaded process takes a moment)."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        for _ in range(200):
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "T":
+                return
+            time.sleep(0.005)
+        pytest.fail(f"{self.kind} did not stop on SIGSTOP")
 
     def resume(self) -> None:
         if self.running:
@@ -309,6 +323,14 @@ def private_etcd(tmp_path: Path) -> Iterator[Callable[..., EtcdServer]]:
     yield make
     for server in made:
         server.kill()
+
+
+@pytest.fixture
+def tls_certs(tmp_path: Path) -> Certs:
+    """A CA with a server certificate for 127.0.0.1 and a client certificate, for this test."""
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    return make_certs(directory)
 
 
 OpenStore = Callable[..., SharedStore]
