@@ -500,7 +500,16 @@ class RolloutConfig(_Section):
         return hooks
 
 
-NodeName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+_NODE_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+
+
+def _check_node_name(name: str) -> str:
+    if not _NODE_NAME.fullmatch(name):
+        raise ValueError("must be 1 to 200 letters, digits or _.:@- (it names the node in the store's keys)")
+    return name
+
+
+NodeName = Annotated[str, AfterValidator(_check_node_name)]
 STORE_SCHEMES = ("file", "etcd", "etcds", "redis", "rediss")
 
 
@@ -690,7 +699,14 @@ def _problem_line(path: str, error: ErrorDetails, origin: Mapping[tuple[str, ...
     loc = tuple(str(part) for part in error["loc"])
     message = describe(error)
     webhook_secret = loc[:2] == ("rollout", "webhooks") and loc[-1] == "secret"
-    secret = (loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3) or loc in _SECRET_LOCS or webhook_secret
+    # A store URL with user:password@ is refused, and must not be echoed either.
+    store_credentials = loc == ("state_store",) and "@" in str(error["input"])
+    secret = (
+        (loc[:2] == _SECRET_TOKENS_LOC and len(loc) == 3)
+        or loc in _SECRET_LOCS
+        or webhook_secret
+        or store_credentials
+    )
     got = "" if error["type"] == "missing" else f" (got {_got(error['input'], secret)})"
     for prefix, variable in origin.items():
         if loc[: len(prefix)] == prefix:

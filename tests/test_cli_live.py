@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from stores import StoreServer, make_store
 from upstreams import closed_port, origin
 from waiting import eventually
 
@@ -87,3 +88,34 @@ async def test_status_watch_prints_each_change_from_the_event_stream(
         assert await asyncio.wait_for(watching, 10) == 2
     assert [s["version"] for s in seen][:1] == [0] and seen[-1]["version"] == 1
     assert "closed the stream" in capsys.readouterr().err
+
+
+async def test_flip_wait_and_fleet_on_a_shared_store(
+    make_proxy, store_server: StoreServer, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        url = store_server.url(f"/cli-{tmp_path.name}/")
+        one = await make_proxy(
+            [blue.addr], [green.addr], state_store=url, node_name="cli-one", flip_probe="off"
+        )
+        await make_proxy([blue.addr], [green.addr], state_store=url, node_name="cli-two", flip_probe="off")
+
+        status, out, _ = await cli(capsys, one, "flip", "--to", "green", "--wait")
+        assert status == 0, out
+        assert "every live node runs version 1" in out
+        status, out, _ = await cli(capsys, one, "fleet")
+        assert status == 0
+        assert f"store: {store_server.kind}" in out and "(ok)" in out
+        assert "cli-one" in out and "cli-two" in out and " *" in out  # the leader is marked
+
+        # A node that reports itself but never applies anything: --wait names it and exits 1.
+        ghost = make_store(url)
+        try:
+            await ghost.beat("cli-ghost", {"node": "cli-ghost", "version": 0, "seen": 0.0}, 5.0)
+            status, out, _ = await cli(
+                capsys, one, "flip", "--to", "blue", "--wait", "--wait-timeout", "200ms"
+            )
+        finally:
+            await ghost.close()
+        assert status == 1, out
+        assert "not yet running version 2 after" in out and "cli-ghost" in out

@@ -158,6 +158,39 @@ BAD_CASES = {
             " (got <secret, 7 characters>)"
         ],
     ),
+    "unknown store scheme": (
+        POOLS + "state_store: 'consul://127.0.0.1:8500'\n",
+        [
+            "state_store: must start with file://, etcd://, etcds://, redis:// or rediss:// "
+            "(e.g. redis://127.0.0.1:6379/0?prefix=bgproxy:prod) (got 'consul://127.0.0.1:8500')"
+        ],
+    ),
+    "credentials in the store URL are not echoed": (
+        POOLS + "state_store: 'redis://ops:hunter2@127.0.0.1:6379/0'\n",
+        [
+            "state_store: must not hold credentials (they would show in logs and state): set "
+            "BGPROXY_STORE_USERNAME and BGPROXY_STORE_PASSWORD instead (got <secret, 36 characters>)"
+        ],
+    ),
+    "store without a host": (
+        POOLS + "state_store: 'etcd:///bgproxy/'\n",
+        ["state_store: etcd:// needs a host, e.g. etcd://127.0.0.1 (got 'etcd:///bgproxy/')"],
+    ),
+    "store port out of range": (
+        POOLS + "state_store: 'redis://127.0.0.1:99999/0'\n",
+        ["state_store: not a URL: Port out of range 0-65535 (got 'redis://127.0.0.1:99999/0')"],
+    ),
+    "client cert without its key": (
+        POOLS + "state_store_tls: {cert_file: /etc/bgproxy/node.pem}\n",
+        ["state_store_tls: cert_file and key_file go together (got {'cert_file': '/etc/bgproxy/node.pem'})"],
+    ),
+    "bad node name": (
+        POOLS + "node_name: 'edge 1'\n",
+        [
+            "node_name: must be 1 to 200 letters, digits or _.:@- (it names the node in the store's keys)"
+            " (got 'edge 1')"
+        ],
+    ),
     "missing pool": ("pools: {blue: {upstreams: []}}\n", ["pools.green: required"]),
     "empty file": ("", ["pools: required"]),
     "non-mapping top level": (
@@ -278,6 +311,21 @@ def test_relative_state_file_follows_config_dir(tmp_path: Path) -> None:
     assert relative.state_file == tmp_path / "etc" / "state" / "s.json"
     absolute = load_config(write(tmp_path, POOLS + f"state_file: {tmp_path / 'x.json'}\n"), environ={})
     assert absolute.state_file == tmp_path / "x.json"
+
+
+def test_state_store_file_url_is_the_state_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, POOLS + "state_store: file://./s/state.json\n"), environ={})
+    assert cfg.state_file == tmp_path / "s" / "state.json"
+    both = write(tmp_path, POOLS + "state_store: file://./a.json\nstate_file: ./b.json\n")
+    assert problems(both) == [
+        f"{both}: state_store: names a.json but state_file names b.json; keep one of them "
+        "(got 'file://./a.json')"
+    ]
+    fleet = load_config(
+        write(tmp_path, POOLS + "state_store: etcd://10.0.0.9:2379/bgproxy/prod/\n"), environ={}
+    )
+    assert fleet.state_store == "etcd://10.0.0.9:2379/bgproxy/prod/"
+    assert fleet.state_file == tmp_path / "bgproxy-state.json"  # the node's last-known-good copy
 
 
 def test_env_overrides(tmp_path: Path) -> None:
