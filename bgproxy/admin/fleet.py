@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +92,14 @@ async def fleet_view(app: Process) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def wait_wanted(request: web.Request) -> float | None:
     """``?wait=all[&wait_timeout=5s]``: seconds to wait for every node, or None (no wait)."""
     query = request.query
@@ -139,9 +150,17 @@ async def to_leader(app: Process, request: web.Request) -> web.StreamResponse | 
         nodes = await fleet.nodes()
     except StoreUnavailable as exc:
         raise FleetError(503, f"rollouts are driven by the fleet's leader, and {exc}") from None
-    admin = nodes.get(leader or "", {}).get("admin")
+    record = nodes.get(leader or "", {})
+    admin = record.get("admin")
     if leader is None or not admin:
         raise FleetError(503, "no node leads rollouts at this moment (the lease is being taken); try again")
+    if _loopback(admin) and record.get("host") != socket.gethostname():
+        # Its 127.0.0.1 is not ours: sending the call (and its token) there would reach this host.
+        raise FleetError(
+            503,
+            f"rollouts are driven by {leader}, whose admin API listens on loopback on host "
+            f"{record.get('host')}; send this call to it there",
+        )
     headers = {FORWARDED: fleet.node, "Content-Type": request.headers.get("Content-Type", "application/json")}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]

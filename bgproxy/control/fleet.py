@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -166,6 +167,7 @@ class Fleet:
             "node": self.node,
             "incarnation": self.incarnation,
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "admin": self._admin_url(),
             "version": board.version,
             "revision": self.controller.revision,
