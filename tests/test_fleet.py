@@ -271,7 +271,8 @@ async def test_leader_killed_mid_rollout_another_node_finishes_it(
 
         async def everywhere_promoted() -> bool:
             live = [i for i in range(3) if i != leader]
-            return all((await f.api(session, i, "GET", "/v1/state"))[1]["weights"]["blue"] == 0 for i in live)
+            states = [(await f.api(session, i, "GET", "/v1/state"))[1] for i in live]
+            return all(s["weights"]["blue"] == 0 for s in states)
 
         await until(everywhere_promoted, timeout=5)
         _, view = await f.api(session, follower, "GET", "/v1/fleet")

@@ -341,9 +341,10 @@ async def test_a_frozen_store_fails_calls_within_seconds(
             assert took < 2.5
     finally:
         store_server.resume()
+    # A timed-out write has an unknown outcome: the server may still apply it once it runs again.
     stored = await store.read()
     assert stored is not None
-    assert stored.revision == revision
+    assert (stored.revision == revision, stored.state.version) in ((True, 1), (False, 2))
 
 
 async def test_a_frozen_store_ends_changes_within_seconds(
