@@ -535,6 +535,8 @@ def _check_store_url(url: str) -> str:
             raise ValueError("file:// needs a path, e.g. file://./bgproxy-state.json")
     elif not parts.hostname:
         raise ValueError(f"{parts.scheme}:// needs a host, e.g. {parts.scheme}://127.0.0.1")
+    elif parts.scheme.startswith("redis") and not re.fullmatch(r"/?\d*", parts.path):
+        raise ValueError("the path of a redis:// URL is the database number, e.g. redis://127.0.0.1:6379/0")
     return url
 
 

@@ -176,6 +176,13 @@ BAD_CASES = {
         POOLS + "state_store: 'etcd:///bgproxy/'\n",
         ["state_store: etcd:// needs a host, e.g. etcd://127.0.0.1 (got 'etcd:///bgproxy/')"],
     ),
+    "redis database not a number": (
+        POOLS + "state_store: 'redis://127.0.0.1:6379/prod'\n",
+        [
+            "state_store: the path of a redis:// URL is the database number, e.g. redis://127.0.0.1:6379/0"
+            " (got 'redis://127.0.0.1:6379/prod')"
+        ],
+    ),
     "store port out of range": (
         POOLS + "state_store: 'redis://127.0.0.1:99999/0'\n",
         ["state_store: not a URL: Port out of range 0-65535 (got 'redis://127.0.0.1:99999/0')"],

@@ -106,6 +106,13 @@ async def test_a_flip_on_one_node_reaches_every_node(tmp_path: Path, store_serve
                 assert r.status == 200 and "green" in await r.text()
         _, view = await f.api(session, 2, "GET", "/v1/fleet")
         assert sorted(n["node"] for n in view["nodes"]) == ["node0", "node1", "node2"]
+        leads = []
+        for node in f.nodes:
+            async with session.get(node.admin_url + "/metrics") as r:
+                text = await r.text()
+            assert "bgproxy_store_up 1.0" in text
+            leads.append("bgproxy_fleet_leader 1.0" in text)
+        assert sum(leads) == 1
         assert all(n["version"] == version and n["behind"] == 0 for n in view["nodes"])
         assert sum(n["leader"] for n in view["nodes"]) == 1 and view["leader"] in {"node0", "node1", "node2"}
         # The audit log is the fleet's: the same on every node, naming the node that made the change.
@@ -183,6 +190,8 @@ async def test_store_outage_serves_refuses_changes_and_resyncs(
             return all(s["store"]["status"] == "degraded" for s in await f.states(session))
 
         await until(degraded, timeout=10)
+        async with session.get(f.nodes[0].admin_url + "/metrics") as r:
+            assert "bgproxy_store_up 0.0" in await r.text()
         for node in f.nodes:  # traffic goes on, on the last state
             async with session.get(node.url + "/echo") as r:
                 assert r.status == 200 and "green" in await r.text()
