@@ -199,7 +199,7 @@ async def test_store_outage_serves_refuses_changes_and_resyncs(
                 assert r.status == 200
         status, refused = await f.api(session, 1, "POST", "/v1/flip", {"to": "blue"})
         assert status == 503, refused
-        assert "state store" in refused["error"] and "nothing changed" in refused["error"]
+        assert "state store" in refused["error"] and "the change is not applied" in refused["error"]
         assert all(s["weights"] == {"blue": 0, "green": 100} for s in await f.states(session))
         # A node restarted during the outage starts from its local copy, and says so.
         restarted = f.nodes[2]

@@ -183,13 +183,6 @@ async def test_an_idle_watch_is_quiet(
     open_store: OpenStore, store_server: StoreServer, request: pytest.FixtureRequest
 ) -> None:
     """No write, no yield: every yield costs each node a read of the document."""
-    if store_server.kind == "redis":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="RedisStore.changes() yields on the PONG its own liveness PING brings back",
-            )
-        )
     async with watching(open_store()) as watch:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(watch.next(), 2.5)  # past two of the store's liveness checks
@@ -350,13 +343,6 @@ async def test_a_frozen_store_fails_calls_within_seconds(
 async def test_a_frozen_store_ends_changes_within_seconds(
     open_store: OpenStore, store_server: StoreServer, request: pytest.FixtureRequest
 ) -> None:
-    if store_server.kind == "redis":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="RedisStore.changes() sends PING on the subscription but never waits for its answer",
-            )
-        )
     store, watcher = open_store(), open_store()
     await store.swap(None, document(100, 1))
     async with watching(watcher) as watch:

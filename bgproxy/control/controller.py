@@ -267,7 +267,12 @@ class Controller:
                 return False
         except StoreUnavailable as exc:
             self.store_error = str(exc)
-            raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
+            # A write that timed out may still reach the store: then every node applies it (this one
+            # too) once the store answers. It is not in force here now, nor anywhere before that.
+            raise StoreDown(
+                f"{exc}; the change is not applied (if the store took it after all, every node applies "
+                "it when the store answers again); traffic goes on as it was"
+            ) from None
         self.store_error = None
         await self._keep_local(state)
         return True

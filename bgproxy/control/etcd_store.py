@@ -39,10 +39,10 @@ from .shared import (
     EVENTS_KEPT,
     StoreConflict,
     Stored,
-    StoreDataError,
     StoreTLS,
     StoreUnavailable,
     decode_document,
+    readable,
 )
 
 TIMEOUT = 1.0
@@ -196,15 +196,6 @@ class EtcdStore:
         """Renew a lease; False if it has expired (etcd then answers without a TTL)."""
         return int((await self._call("/v3/lease/keepalive", {"ID": str(lease)})).get("TTL", 0)) > 0
 
-    def _loads(self, value: str, what: str) -> dict[str, Any]:
-        try:
-            data = json.loads(_unb64(value))
-            if not isinstance(data, dict):
-                raise ValueError("expected an object")
-        except ValueError as exc:
-            raise StoreDataError(f"{self._where}: {what} does not read: {exc}") from None
-        return data
-
     async def read(self) -> Stored | None:
         kv = await self._get(self._key("state"))
         if kv is None:
@@ -339,10 +330,10 @@ class EtcdStore:
     async def nodes(self) -> dict[str, dict[str, Any]]:
         start = self._key("nodes/")
         answer = await self._range(start, range_end=_b64(_range_end(start)))
-        return {
-            _unb64(kv["key"])[len(start) :].decode(): self._loads(kv.get("value", ""), "a node record")
-            for kv in answer.get("kvs") or []
+        records = {
+            _unb64(kv["key"])[len(start) :].decode(): kv.get("value", "") for kv in answer.get("kvs") or []
         }
+        return {node: record for node, value in records.items() if (record := readable(_unb64(value)))}
 
     async def lead(self, node: str, ttl: float) -> bool:
         seconds = max(1, math.ceil(ttl))
@@ -415,7 +406,8 @@ class EtcdStore:
             sort_target="KEY",
             limit=EVENTS_KEPT,
         )
-        return [self._loads(kv.get("value", ""), "an event") for kv in reversed(answer.get("kvs") or [])]
+        values = [_unb64(kv.get("value", "")) for kv in reversed(answer.get("kvs") or [])]
+        return [event for value in values if (event := readable(value))]
 
     async def close(self) -> None:
         session, self._session = self._session, None

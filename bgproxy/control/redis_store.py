@@ -23,7 +23,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .shared import EVENTS_KEPT, StoreConflict, Stored, StoreTLS, StoreUnavailable, decode_document
+from .shared import (
+    EVENTS_KEPT,
+    StoreConflict,
+    Stored,
+    StoreTLS,
+    StoreUnavailable,
+    decode_document,
+    readable,
+)
 
 TIMEOUT = 1.0
 
@@ -129,9 +137,13 @@ class RedisStore:
             while True:
                 message = await pubsub.get_message(timeout=TIMEOUT)
                 if message is not None:
-                    yield None
+                    if message.get("type") == "message":
+                        yield None
                 else:
-                    await pubsub.ping()  # a dead connection shows here, not after the TCP timeout
+                    # A second of silence: a round trip on the command connection, answered within
+                    # TIMEOUT or raising, shows a dead or frozen server (the subscription's own PING
+                    # is not waited for).
+                    await self._redis.ping()
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
         finally:
@@ -158,7 +170,7 @@ class RedisStore:
                 await self._redis.srem(self._key("nodes"), *gone)
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
-        return {n: json.loads(v) for n, v in zip(names, values, strict=True) if v is not None}
+        return {n: r for n, v in zip(names, values, strict=True) if v is not None and (r := readable(v))}
 
     async def lead(self, node: str, ttl: float) -> bool:
         try:
@@ -193,7 +205,7 @@ class RedisStore:
             lines = await self._redis.lrange(self._key("events"), 0, -1)
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
-        return [json.loads(line) for line in lines]
+        return [e for line in lines if (e := readable(line))]
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -78,6 +78,16 @@ def decode_document(text: str | bytes, revision: int, where: str) -> Stored:
         raise StoreDataError(f"{where}: the shared state does not read: {exc}") from None
 
 
+def readable(raw: bytes | str) -> dict[str, Any] | None:
+    """A node record or an audit event as stored; None for one that does not read (damaged, or from
+    a newer bgproxy), which the stores skip: one bad entry must not hide the others."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class SharedStore(Protocol):
     """What the fleet needs from a store; every method raises StoreUnavailable when it is down."""
 
