@@ -302,7 +302,7 @@ class App:
                 self.shared,
                 self.stats,
                 node=node,
-                admin_url=lambda: f"http://{_url_host(admin_sock.getsockname()[0])}:{self.admin_port}",
+                admin_url=lambda: f"http://{_advertised(admin_sock.getsockname()[0])}:{self.admin_port}",
             )
             rollouts.join(self.fleet)
             controller.on_pools = membership.adopt
@@ -443,7 +443,7 @@ class App:
         if self._started is not None:
             self.controller.frozen = self.controller.frozen or "bgproxy is shutting down"
         if self.fleet is not None:
-            await self.fleet.stop()  # another node takes the rollout lease; our record times out
+            await self.fleet.step_down()  # another node takes rollouts over; this one still follows
         if self.handed_over and self._admin_site is not None:
             # The new process answers the admin API on the same socket: leave it all of it.
             await self._admin_site.stop()
@@ -461,10 +461,6 @@ class App:
         self.shutting_down = True
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        if self.fleet is not None:
-            await self.fleet.stop()
-        elif self.shared is not None:
-            await self.shared.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -474,6 +470,11 @@ class App:
         started = self._started
         if started is not None:
             await started.rollouts.stop()
+        if self.fleet is not None:  # after the rollouts: nothing writes to the store once it is closed
+            await self.fleet.stop()
+        elif self.shared is not None:
+            await self.shared.close()
+        if started is not None:
             await started.health.stop()
             started.drainer.close()
             for conn in list(started.runtime.connections):
@@ -497,7 +498,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url_host(host: str) -> str:
+def _advertised(host: str) -> str:
+    """The admin address other nodes reach: this host's name for a wildcard bind (0.0.0.0, ::)."""
+    if ipaddress.ip_address(host).is_unspecified:
+        return socket.gethostname()
     return f"[{host}]" if ":" in host else host
 
 

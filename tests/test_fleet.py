@@ -24,6 +24,7 @@ from upstreams import Origin, origin
 from waiting import until
 
 from bgproxy.admin.openapi import openapi_document
+from bgproxy.control.controller import RolloutHolds
 from bgproxy.control.shared import encode_document
 from bgproxy.control.state import PersistedState
 from bgproxy.core.errors import VersionConflict
@@ -350,3 +351,62 @@ async def test_if_match_newer_than_this_node_is_read_from_the_store(
         assert result.event.from_weights == Weights(50, 50)
         with pytest.raises(VersionConflict):  # an If-Match older than the store's is still refused
             await app.controller.flip("blue", actor="test", expected_version=newer.version)
+
+
+async def test_a_rollback_made_while_the_store_is_down_reaches_the_fleet_when_it_is_back(
+    make_proxy: Any, store_server: StoreServer, tmp_path: Path
+) -> None:
+    """Urgent changes (a rollout's rollback) are routed first; one the store missed is written first
+    when it answers again, so the fleet follows it instead of this node drifting apart."""
+    async with origin("blue") as blue, origin("green") as green:
+        shared = {"state_store": store_server.url(f"/t-{tmp_path.name}/"), "flip_probe": "off"}
+        a = await make_proxy([blue.addr], [green.addr], weights=(50, 50), node_name="a", **shared)
+        b = await make_proxy([blue.addr], [green.addr], weights=(50, 50), node_name="b", **shared)
+        store_server.kill()
+        await a.app.controller.set_weights(Weights(100, 0), actor="rollback", urgent=True)
+        assert a.app.switchboard.weights == Weights(100, 0)  # routed at once
+        assert b.app.switchboard.weights == Weights(50, 50)
+        await store_server.start()
+
+        async def followed() -> bool:
+            return b.app.switchboard.weights == Weights(100, 0) and a.app.fleet.error is None
+
+        await until(followed, timeout=5)
+        assert a.app.switchboard.version == b.app.switchboard.version
+        # A rollout's own step never lands once the rollout no longer holds the switch.
+        with pytest.raises(RolloutHolds):
+            await a.app.controller.set_weights(Weights(0, 100), actor="r-gone", owner="r-gone")
+
+
+async def test_a_version_that_does_not_read_leaves_the_node_serving_and_following(
+    make_proxy: Any, store_server: StoreServer, tmp_path: Path
+) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        url = store_server.url(f"/t-{tmp_path.name}/")
+        proxy = await make_proxy([blue.addr], [green.addr], state_store=url, flip_probe="off")
+        app = proxy.app
+        writer = make_store(url)
+        try:
+            stored = await writer.read()
+            assert stored is not None
+            future = {"id": "r-x", "state": "from-a-newer-bgproxy"}
+            bad = PersistedState(Weights(0, 100), stored.state.version + 1, time.time(), (future,))
+            revision = await writer.swap(stored.revision, encode_document(bad, {"node": "newer"}))
+
+            async def refused() -> bool:
+                return app.fleet.error is not None and "rollouts do not read" in app.fleet.error
+
+            await until(refused, timeout=5)
+            assert app.switchboard.weights == Weights(100, 0)  # nothing of it applied
+            good = PersistedState(Weights(0, 100), bad.version + 1, time.time())
+            await writer.swap(revision, encode_document(good, {"node": "newer"}))
+            began = asyncio.get_running_loop().time()
+
+            async def applied() -> bool:
+                return app.switchboard.weights == Weights(0, 100) and app.fleet.error is None
+
+            await until(applied, timeout=5, every=0.005)
+            # By the watch, not the once-a-second poll: the watch survived the bad version.
+            assert asyncio.get_running_loop().time() - began < 0.5
+        finally:
+            await writer.close()

@@ -61,7 +61,7 @@ async def fleet_view(app: Process) -> dict[str, Any]:
         ).model_dump(mode="json")
     try:
         nodes = await fleet.nodes()
-        leader = await fleet.shared.leader()
+        leader = await fleet.leader()
     except StoreUnavailable as exc:
         raise FleetError(503, str(exc), ["the nodes cannot be listed while the store is down"]) from None
     now = time.time()
@@ -93,11 +93,13 @@ async def fleet_view(app: Process) -> dict[str, Any]:
 
 
 def _loopback(url: str) -> bool:
+    """An address that means "this host" wherever it is used: only good on the host that sent it."""
     host = urlsplit(url).hostname or ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
+    return address.is_loopback or address.is_unspecified
 
 
 def wait_wanted(request: web.Request) -> float | None:
@@ -146,7 +148,7 @@ async def to_leader(app: Process, request: web.Request) -> web.StreamResponse | 
             503, "this node no longer leads rollouts; try again", [f"sent by {request.headers[FORWARDED]}"]
         )
     try:
-        leader = await fleet.shared.leader()
+        leader = await fleet.leader()
         nodes = await fleet.nodes()
     except StoreUnavailable as exc:
         raise FleetError(503, f"rollouts are driven by the fleet's leader, and {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from ..dataplane.routing import RouteTable
 from ..dataplane.runtime import Runtime
 from .audit import AuditLog, AuditLogError, switch_event
 from .drain import Drainer
-from .shared import SharedStore, StoreConflict, StoreUnavailable, encode_document
+from .shared import SharedStore, StoreConflict, StoreDataError, StoreUnavailable, encode_document
 from .state import PersistedState, StateBackend, StateFileError
 
 log = logging.getLogger("bgproxy.control")
@@ -68,8 +69,12 @@ def route_table(
     return RouteTable(board.version, weights.blue, weights.green, sticky, preview, drains)
 
 
-def _busy() -> SwitchError:
-    return SwitchError(
+class StoreBusy(Frozen):
+    """The shared state kept changing under a change (503): nothing changed, try again."""
+
+
+def _busy() -> StoreBusy:
+    return StoreBusy(
         f"the shared state changed {CONFLICT_RETRIES} times while this change was planned; nothing "
         "changed, try again"
     )
@@ -125,6 +130,7 @@ class Controller:
         self.on_pools: Callable[[dict[str, Any] | None], None] | None = None
         self.on_rollouts: Callable[[Records], None] | None = None
         self.on_applied: Callable[[], None] | None = None  # a new version runs here (the fleet acks it)
+        self._unsaved: tuple[PersistedState, dict[str, Any]] | None = None  # a rollback the store missed
 
     async def flip(
         self,
@@ -258,13 +264,20 @@ class Controller:
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, state)
             return True
-        document = encode_document(state, {**change, "node": self.node})
+        # The write's own id: a conflict against it means an earlier attempt landed after all (a
+        # store client that retried a timed-out call), not another node's write.
+        write = uuid.uuid4().hex
+        document = encode_document(state, {**change, "node": self.node, "write": write})
         try:
             try:
                 self.revision = await self.shared.swap(self.revision, document)
             except StoreConflict:
-                await self._sync_locked()
-                return False
+                stored = await self.shared.read()
+                if stored is not None and stored.change.get("write") == write:
+                    self.revision = stored.revision
+                else:
+                    await self._sync_locked()
+                    return False
         except StoreUnavailable as exc:
             self.store_error = str(exc)
             # A write that timed out may still reach the store: then every node applies it (this one
@@ -276,6 +289,19 @@ class Controller:
         self.store_error = None
         await self._keep_local(state)
         return True
+
+    async def _save_urgent(self, state: PersistedState, how: dict[str, Any]) -> None:
+        """Save a rollback that is already routed. If the store is down it is kept and written first
+        when the store answers (before anything is read from it), so the fleet follows it then; if
+        another node wrote first, its version is in force here now and the rollout resumes on it
+        (and rolls back again on fresh evidence, as after a crash)."""
+        try:
+            if not await self._persist(state, how):
+                log.error("a rollback was overtaken by a newer version from another node; it runs now")
+        except (StoreDown, StateFileError) as exc:
+            log.error("a rollback is live here but not saved yet: %s", exc)
+            if self.shared is not None:
+                self._unsaved = (state, how)
 
     async def _keep_local(self, state: PersistedState) -> None:
         """This node's last-known-good copy, what it starts from if the store is down then."""
@@ -292,6 +318,20 @@ class Controller:
 
     async def _sync_locked(self) -> None:
         assert self.shared is not None
+        if self._unsaved is not None:
+            state, how = self._unsaved
+            try:
+                self.revision = await self.shared.swap(
+                    self.revision, encode_document(state, {**how, "node": self.node})
+                )
+                self._unsaved = None
+                self.store_error = None
+                log.warning("the rollback made during the store outage is saved now: the fleet follows it")
+                await self._keep_local(state)
+                return
+            except StoreConflict:
+                self._unsaved = None
+                log.error("a rollback made during the store outage was overtaken by a newer version")
         stored = await self.shared.read()
         self.store_error = None
         if stored is None:
@@ -312,6 +352,17 @@ class Controller:
 
     def _adopt(self, state: PersistedState, change: dict[str, Any]) -> None:
         """Another node's version: its weights (drains start here too), pools and rollout records."""
+        if state.rollouts != self.rollouts:
+            # First: records that do not read (a newer bgproxy's) leave everything as it was.
+            if self.on_rollouts is not None:
+                try:
+                    self.on_rollouts(state.rollouts)
+                except ValueError as exc:
+                    raise StoreDataError(f"the shared state's rollouts do not read: {exc}") from None
+            self.rollouts = state.rollouts
+            rollouts_changed = True
+        else:
+            rollouts_changed = False
         board = self.switchboard
         drain_timeout = change.get("drain_timeout")
         result = board.adopt(
@@ -327,11 +378,7 @@ class Controller:
             self.pools = state.pools
             if self.on_pools is not None:
                 self.on_pools(state.pools)
-        if state.rollouts != self.rollouts:
-            self.rollouts = state.rollouts
-            if self.on_rollouts is not None:
-                self.on_rollouts(state.rollouts)
-        elif result.changed and change.get("owner") != self.holder:
+        if not rollouts_changed and result.changed and change.get("owner") != self.holder:
             self.holder = None  # forced past the rollout on another node: the leader ends it
         self._runtime.install(route_table(board, self.sticky, self.preview))
         if result.changed:
@@ -390,6 +437,9 @@ class Controller:
         async with self._lock:
             for attempt in self._attempts():
                 self._check_open()
+                if owner is not None and owner != self.holder:
+                    # Forced past, here or on another node: the rollout's own steps stop here.
+                    raise RolloutHolds(f"rollout {owner} no longer holds the switch; nothing changed")
                 if self.holder is not None and owner != self.holder and not force:
                     raise RolloutHolds(
                         f'rollout {self.holder} is running; nothing changed. Send "force": true to abort '
@@ -455,10 +505,7 @@ class Controller:
             self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
             if urgent:
-                try:
-                    await self._persist(planned, how)
-                except (StateFileError, SwitchError) as exc:
-                    log.error("a rollback is live but could not be saved: %s", exc)
+                await self._save_urgent(planned, how)
             self._applied()
             await self.record(switch_event(event))
             return result

@@ -29,7 +29,7 @@ import math
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -290,7 +290,7 @@ class EtcdStore:
             raise self._down("/v3/watch: an answer that is not JSON") from None
         return result
 
-    async def changes(self) -> AsyncIterator[None]:
+    async def changes(self) -> AsyncGenerator[None, None]:
         response, buffer, known = await self._open_watch()
         try:
             yield None  # watching: anything written before now is for the caller's read to see

@@ -80,6 +80,9 @@ class Fleet:
         self.shared = shared
         self.node = node
         self.incarnation = uuid.uuid4().hex[:12]  # a restarted node's counters start again from 0
+        # The lease is held by this process, not the node name: after a takeover (same name) the old
+        # process's lease is not the new one's, and its resign cannot free the new one's.
+        self.holder = f"{node}#{self.incarnation}"
         self.started_at = time.time()
         self.applied_at = time.time()
         self._stats = stats
@@ -112,19 +115,31 @@ class Fleet:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(f()) for f in (self._watch, self._poll, self._beat, self._lead)]
 
+    async def step_down(self) -> None:
+        """Stop leading (a graceful shutdown): give the lease up so another node takes rollouts over
+        at once; this node goes on following the fleet while it drains."""
+        lead = self._tasks.pop() if self._tasks else None  # _lead is started last
+        if lead is not None:
+            lead.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lead
+        self._lead_until = 0.0  # nothing decides here from now on (a rollout tick, a gate's answer)
+        if self._was_leading:
+            self._was_leading = False
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                await asyncio.wait_for(self.shared.resign(self.holder), 1.0)
+
     async def stop(self) -> None:
-        """Idempotent: a graceful shutdown stops the fleet part first, the final stop again."""
+        """Idempotent: step down, stop following, release the store's connections."""
         if self._stopped:
             return
         self._stopped = True
+        await self.step_down()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._was_leading:
-            with contextlib.suppress(StoreUnavailable, TimeoutError):
-                await asyncio.wait_for(self.shared.resign(self.node), 1.0)
         await self.shared.close()
 
     def _on_applied(self) -> None:
@@ -149,16 +164,22 @@ class Fleet:
     async def _watch(self) -> None:
         while True:
             try:
-                async for _ in self.shared.changes():
-                    await self._sync()
+                async with contextlib.aclosing(self.shared.changes()) as changes:
+                    async for _ in changes:
+                        await self._sync()
             except StoreUnavailable as exc:
                 self._down(exc)
+            except Exception:  # a bug must not stop this node from following the fleet
+                log.exception("fleet: watching the store failed; watching again")
             await asyncio.sleep(RETRY)
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL)
-            await self._sync()
+            try:
+                await self._sync()
+            except Exception:
+                log.exception("fleet: reading the store failed; reading again in %gs", POLL)
 
     def record(self) -> dict[str, Any]:
         """What this node publishes: read by /v1/fleet on every node and by the rollout leader."""
@@ -194,20 +215,29 @@ class Fleet:
     async def _lead(self) -> None:
         while True:
             asked = time.monotonic()
+            held: bool | None = None  # None: the store did not answer (the lease may still be ours)
             try:
-                if await self.shared.lead(self.node, LEASE):
-                    self._lead_until = asked + LEASE
+                held = await self.shared.lead(self.holder, LEASE)
             except StoreUnavailable as exc:
                 self._down(exc)
-            leading = self.leading
-            if leading != self._was_leading:
-                self._was_leading = leading
-                log.warning("fleet: %s the rollout lease", "took" if leading else "lost")
-                if leading:
-                    self._counts.clear()
-                    self._remember(await self._nodes_or_none() or {})
+            if held and not self._was_leading:
+                # Every node's counters first, then the rollout told, then leading: a tick in between
+                # would judge this node's counts alone against the fleet's baseline.
+                self._counts.clear()
+                self._remember(await self._nodes_or_none() or {})
+                self._was_leading = True
                 if self.on_lead is not None:
-                    self.on_lead(leading)
+                    self.on_lead(True)
+                log.warning("fleet: took the rollout lease")
+            if held:
+                self._lead_until = asked + LEASE
+            elif held is False:
+                self._lead_until = 0.0  # another process holds it: stop deciding at once
+            if self._was_leading and not self.leading:
+                self._was_leading = False
+                if self.on_lead is not None:
+                    self.on_lead(False)
+                log.warning("fleet: lost the rollout lease")
             await asyncio.sleep(max(0.0, LEAD - (time.monotonic() - asked)))
 
     async def _nodes_or_none(self) -> dict[str, dict[str, Any]] | None:
@@ -236,6 +266,11 @@ class Fleet:
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
         return await self.shared.nodes()
+
+    async def leader(self) -> str | None:
+        """The node whose process holds the rollout lease."""
+        holder = await self.shared.leader()
+        return None if holder is None else holder.rpartition("#")[0] or holder
 
     async def wait_applied(self, version: int, within: float) -> tuple[bool, dict[str, dict[str, Any]]]:
         """Wait until every live node runs ``version`` or later; (all did, the live nodes)."""

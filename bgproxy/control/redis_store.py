@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -129,21 +129,29 @@ class RedisStore:
             raise StoreConflict(revision or 0, int(rev))
         return int(rev)
 
-    async def changes(self) -> AsyncIterator[None]:
+    async def changes(self) -> AsyncGenerator[None, None]:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._key("changes"))
             yield None  # subscribed: anything written before now is for the caller's read to see
+            awaiting_pong = False
             while True:
                 message = await pubsub.get_message(timeout=TIMEOUT)
                 if message is not None:
-                    if message.get("type") == "message":
+                    kind = message.get("type")
+                    if kind == "message":
                         yield None
-                else:
-                    # A second of silence: a round trip on the command connection, answered within
-                    # TIMEOUT or raising, shows a dead or frozen server (the subscription's own PING
-                    # is not waited for).
-                    await self._redis.ping()
+                    elif kind == "pong":
+                        awaiting_pong = False
+                    continue
+                # A second of silence: is the server there (a round trip on the command connection,
+                # answered within TIMEOUT or raising), and is this subscription (its PONG must come
+                # back before the next second of silence ends)?
+                if awaiting_pong:
+                    raise StoreUnavailable(f"state store {self._where}: the subscription stopped answering")
+                await self._redis.ping()
+                await pubsub.ping()
+                awaiting_pong = True
         except (RedisError, OSError) as exc:
             raise self._down(exc) from None
         finally:

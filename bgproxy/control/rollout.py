@@ -46,7 +46,7 @@ from ..core.weights import Weights
 from ..dataplane.stats import Stats
 from .audit import audit_event
 from .configure import error_matcher, webhooks
-from .controller import Controller, Records
+from .controller import Controller, Frozen, Records
 from .fleet import Fleet, Raw, raw_counts
 
 log = logging.getLogger("bgproxy.rollout")
@@ -375,6 +375,8 @@ class RolloutRunner:
                 force=toward_stable or r.done or self._forced == (r.id, r.step),
                 urgent=toward_stable,
             )
+        except Frozen:
+            raise  # the store is down or busy, or this process is stopping: the next tick tries again
         except SwitchError as exc:
             if command.candidate == 0 or self._controller.holder != r.id:
                 raise
@@ -397,6 +399,8 @@ class RolloutRunner:
             r = self.current
             if r is None or r.id != rollout_id:
                 return
+            if self.fleet is not None and not self.fleet.leading:
+                return  # the lease moved while the gate was asked: the new leader asks it again
             try:
                 answer = on_gate(
                     r, kind, ok, detail, self.observe(), time.time(), on_failure=on_failure, ask=ask

@@ -14,7 +14,7 @@ a bounded list, so ``/v1/events`` reads the same on every node.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,7 +102,7 @@ class SharedStore(Protocol):
         """Write ``document`` if the stored revision is still ``revision`` (None: if there is none
         yet); returns the new revision, raises StoreConflict naming the one there is."""
 
-    def changes(self) -> AsyncIterator[None]:
+    def changes(self) -> AsyncGenerator[None, None]:
         """Yields whenever the document may have changed (read it to see); ends or raises
         StoreUnavailable when the connection drops, and the caller starts it again."""
 
