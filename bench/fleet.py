@@ -16,6 +16,8 @@ are never called, nothing is routed).
 - **resync**: kill -9 the store; once every instance shows ``store: degraded``, start it again
   (same port, same data); the time until every instance shows ``store: ok`` again (polled every
   10 ms), then one flip with ``?wait=all`` must reach everyone.
+- **leader failover**: kill -9 the instance holding the rollout lease; the time until another one
+  holds it (``leader`` in ``GET /v1/fleet``, polled every 20 ms).
 
 Printed: per backend p50 / p99 / max in ms for both measures and the resync times; JSON in
 bench/results/fleet.json. Targets (the issue's): p99 from the answer < 100 ms, resync < 1 s plus the
@@ -154,6 +156,23 @@ def measure_resync(store: StoreProcess, nodes: list[Bgproxy], outages: int) -> d
     return {"resync_ms": spread(times), "runs": times, "failed": failed}
 
 
+def measure_failover(nodes: list[Bgproxy]) -> float | None:
+    """kill -9 the node holding the rollout lease; seconds until another node holds it."""
+    _, view = call(f"{nodes[0].admin_url}/v1/fleet")
+    old = view["leader"]
+    admin = next(r["admin"] for r in view["nodes"] if r["node"] == old)
+    leader = next(n for n in nodes if n.admin_url == admin)
+    leader.service.proc.kill()
+    began = time.monotonic()
+    other = next(n for n in nodes if n is not leader)
+    while time.monotonic() - began < RESYNC_TIMEOUT_S:
+        status, view = call(f"{other.admin_url}/v1/fleet")
+        if status == 200 and view["leader"] not in (None, old):
+            return time.monotonic() - began
+        time.sleep(0.02)
+    return None
+
+
 def run_backend(kind: str, instances: int, flips: int, outages: int) -> dict[str, Any]:
     with bench_session(f"bgproxy-fleet-{kind}-") as (workdir, services):
         store = start_store(services, workdir, kind)
@@ -162,7 +181,11 @@ def run_backend(kind: str, instances: int, flips: int, outages: int) -> dict[str
         flipped = measure_flips(nodes, flips)
         log(f"{kind}: {outages} store outages")
         resync = measure_resync(store, nodes, outages) if outages else {"resync_ms": spread([]), "failed": 0}
-        return {"store": store.version, **flipped, **resync}
+        log(f"{kind}: kill -9 the rollout leader")
+        failover = measure_failover(nodes)
+        if failover is None:
+            resync["failed"] += 1
+        return {"store": store.version, **flipped, **resync, "leader_failover_s": failover}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -180,6 +203,7 @@ def render(report: dict[str, Any]) -> str:
                 f"{ms(w['p50'])} / {ms(w['p99'])} / {ms(w['max'])}",
                 r["missed"],
                 f"{ms(s['p50'])} / {ms(s['max'])}",
+                "-" if r["leader_failover_s"] is None else f"{r['leader_failover_s']:.2f}",
                 r["failed"],
             ]
         )
@@ -189,6 +213,7 @@ def render(report: dict[str, Any]) -> str:
         "write->last applied p50/p99/max ms",
         "missed",
         "resync p50/max ms",
+        "leader failover s",
         "failed",
     ]
     return format_table(head, rows)

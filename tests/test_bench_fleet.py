@@ -16,12 +16,13 @@ from bench.fleet import render, run_bench
 
 
 @pytest.mark.timeout(90)
-def test_every_flip_reaches_every_instance_and_they_resync() -> None:
+def test_every_flip_reaches_every_instance_they_resync_and_a_new_leader_takes_over() -> None:
     report = run_bench(["redis", "etcd"], instances=3, flips=6, outages=1)
     for kind, result in report["backends"].items():
         assert result["missed"] == 0 and result["failed"] == 0, (kind, result)
         assert result["from_answer_ms"]["max"] < 1000, (kind, result)
         assert 0 < result["from_write_ms"]["p50"] < 1000, (kind, result)
         assert result["resync_ms"]["max"] < 5000, (kind, result)
+        assert result["leader_failover_s"] is not None and result["leader_failover_s"] < 10, (kind, result)
     table = render(report)
     assert "redis" in table and "etcd" in table
