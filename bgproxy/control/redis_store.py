@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .shared import (
@@ -93,7 +94,9 @@ class RedisStore:
             password=password,
             socket_timeout=TIMEOUT,
             socket_connect_timeout=TIMEOUT,
-            retry=Retry(NoBackoff(), 1),  # once: a pooled connection may be stale after a restart
+            # Once, on a connection error only: a pooled connection may be stale after a restart. A
+            # timeout is not retried: the server is slow or gone, and the caller hears of it in 1 s.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             **options,
         )
         self._swap = self._redis.register_script(_SWAP)
