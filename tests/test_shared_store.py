@@ -11,11 +11,20 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import aiohttp
 import pytest
+from stores import (  # conftest loads it first
+    Certs,
+    EtcdServer,
+    OpenStore,
+    RedisServer,
+    StoreServer,
+    make_store,
+)
 
+from bgproxy.config import Config, load_config
 from bgproxy.control import etcd_store, redis_store
 from bgproxy.control.etcd_store import EtcdStore
 from bgproxy.control.shared import (
@@ -26,12 +35,8 @@ from bgproxy.control.shared import (
     encode_document,
 )
 from bgproxy.control.state import PersistedState
+from bgproxy.control.stores import open_store
 from bgproxy.core.weights import Weights
-
-if TYPE_CHECKING:  # stores.py is imported by pytest_plugins, first, so pytest rewrites its asserts
-    from stores import Certs, EtcdServer, OpenStore, StoreServer
-
-pytest_plugins = ("stores",)
 
 TTL = 1.0  # the shortest TTL etcd grants (with the test server's election timeout; see stores.py)
 
@@ -433,3 +438,42 @@ async def test_etcd_over_tls_with_a_client_certificate(
     finally:
         for store in (good, unknown_ca, no_client_cert):
             await store.close()
+
+
+async def test_redis_credentials_come_from_the_environment_and_never_show(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An ACL user of its own on the shared server, allowed only its prefix; bgproxy gets the user and
+    password from BGPROXY_STORE_USERNAME / BGPROXY_STORE_PASSWORD, as a deployment would."""
+    prefix = f"acl-{tmp_path.name}"
+    user, password = f"bgproxy-{tmp_path.name}", "s3cret-for-redis-acl"
+    admin = make_store(redis_server.url(prefix))
+    assert isinstance(admin, redis_store.RedisStore)
+    await admin._redis.execute_command(  # the test's own setup, as an operator would with redis-cli
+        "ACL", "SETUSER", user, "on", f">{password}", f"~{prefix}:*", f"&{prefix}:*", "+@all"
+    )
+    config = load_config_text(tmp_path, f"state_store: '{redis_server.url(prefix)}'\n")
+    good = {"BGPROXY_STORE_USERNAME": user, "BGPROXY_STORE_PASSWORD": password}
+    bad = {**good, "BGPROXY_STORE_PASSWORD": "not-it"}
+    store, wrong = open_store(config, good), open_store(config, bad)
+    assert store is not None and wrong is not None
+    try:
+        revision = await store.swap(None, document(100, 1))
+        stored = await store.read()
+        assert stored is not None and stored.revision == revision
+        with pytest.raises(StoreUnavailable) as refused:
+            await wrong.read()
+        assert password not in str(refused.value) and "not-it" not in str(refused.value)
+        assert password not in store.where and user not in store.where
+    finally:
+        await admin._redis.execute_command("ACL", "DELUSER", user)
+        for s in (admin, store, wrong):
+            await s.close()
+
+
+def load_config_text(tmp_path: Path, extra: str) -> Config:
+    path = tmp_path / "bgproxy.yaml"
+    path.write_text(
+        "pools: {blue: {upstreams: ['127.0.0.1:1']}, green: {upstreams: ['127.0.0.1:2']}}\n" + extra
+    )
+    return load_config(path, environ={})
