@@ -25,6 +25,7 @@ from waiting import until
 
 from bgproxy.admin.openapi import openapi_document
 from bgproxy.control.controller import RolloutHolds
+from bgproxy.control.membership import How
 from bgproxy.control.shared import encode_document
 from bgproxy.control.state import PersistedState
 from bgproxy.core.errors import VersionConflict
@@ -410,3 +411,57 @@ async def test_a_version_that_does_not_read_leaves_the_node_serving_and_followin
             assert asyncio.get_running_loop().time() - began < 0.5
         finally:
             await writer.close()
+
+
+def deaf(proxy: Any) -> None:
+    """This node's watch and poll stop: it hears of other nodes' writes only when it writes itself."""
+    for task in proxy.app.fleet._tasks[:2]:
+        task.cancel()
+
+
+async def test_a_rollback_that_meets_another_nodes_write_goes_on_top_of_it(
+    make_proxy: Any, store_server: StoreServer, tmp_path: Path
+) -> None:
+    async with origin("blue") as blue, origin("green") as green, origin("green") as spare:
+        shared = {"state_store": store_server.url(f"/t-{tmp_path.name}/"), "flip_probe": "off"}
+        a = await make_proxy([blue.addr], [green.addr], weights=(90, 10), node_name="a", **shared)
+        b = await make_proxy([blue.addr], [green.addr], weights=(90, 10), node_name="b", **shared)
+        deaf(a)
+        await b.app.membership.add("green", spare.addr, How(actor="ops", force=True))  # b writes first
+        await a.app.controller.set_weights(Weights(100, 0), actor="rollback", urgent=True)
+        reader = make_store(store_server.url(f"/t-{tmp_path.name}/"))
+        try:
+            stored = await reader.read()
+        finally:
+            await reader.close()
+        assert stored is not None
+        assert stored.state.weights == Weights(100, 0)  # the rollback, not the version it met
+        assert stored.state.pools is not None and spare.addr in stored.state.pools["green"]["upstreams"]
+        assert a.app.switchboard.version == stored.state.version
+        assert a.app.membership.members("green") == [green.addr, spare.addr]  # b's change kept here too
+
+        async def b_follows() -> bool:
+            return b.app.switchboard.weights == Weights(100, 0)
+
+        await until(b_follows, timeout=5)
+
+
+async def test_a_change_after_an_unsaved_rollback_writes_the_rollback_first(
+    make_proxy: Any, store_server: StoreServer, tmp_path: Path
+) -> None:
+    async with origin("blue") as blue, origin("green") as green:
+        shared = {"state_store": store_server.url(f"/t-{tmp_path.name}/"), "flip_probe": "off"}
+        a = await make_proxy([blue.addr], [green.addr], weights=(50, 50), node_name="a", **shared)
+        b = await make_proxy([blue.addr], [green.addr], weights=(50, 50), node_name="b", **shared)
+        deaf(a)  # so only a's own next write can bring the rollback to the store
+        store_server.kill()
+        await a.app.controller.set_weights(Weights(100, 0), actor="rollback", urgent=True)
+        await store_server.start()
+        await a.app.controller.set_weights(Weights(80, 20), actor="ops")
+        assert a.app.switchboard.version == 2  # the rollback (1), then this change on top of it
+
+        async def b_follows() -> bool:  # not the rollback written over the newer change
+            return b.app.switchboard.weights == Weights(80, 20)
+
+        await until(b_follows, timeout=5)
+        assert b.app.switchboard.version == 2

@@ -128,7 +128,10 @@ class Controller:
         self.store_error: str | None = None  # why the shared store is degraded; None: it answers
         # Called under the lock when another node's version brings different pools or rollout records.
         self.on_pools: Callable[[dict[str, Any] | None], None] | None = None
-        self.on_rollouts: Callable[[Records], None] | None = None
+        # Given the records of an adopted version, returns the ones to keep (the leader keeps its own).
+        self.on_rollouts: Callable[[Records], Records] | None = None
+        # In a fleet: whether this node may make a rollout's changes now (it holds the lease).
+        self.may_decide: Callable[[], bool] | None = None
         self.on_applied: Callable[[], None] | None = None  # a new version runs here (the fleet acks it)
         self._unsaved: tuple[PersistedState, dict[str, Any]] | None = None  # a rollback the store missed
 
@@ -199,6 +202,8 @@ class Controller:
         async with self._lock:
             for _ in self._attempts():
                 self._check_open()
+                if self.may_decide is not None and not self.may_decide():
+                    raise StoreBusy("this node no longer leads rollouts; the new leader goes on")
                 board = self.switchboard
                 state = PersistedState(board.weights, board.version, board.updated_at, rollouts, self.pools)
                 if await self._persist(state, {"actor": "rollout"}):
@@ -264,6 +269,13 @@ class Controller:
             # fsync can take milliseconds on a real disk: keep it off the loop that serves traffic.
             await asyncio.to_thread(self.store.save, state)
             return True
+        if self._unsaved is not None:  # a rollback the store missed goes first; then plan again
+            try:
+                await self._sync_locked()
+            except StoreUnavailable as exc:
+                self.store_error = str(exc)
+                raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
+            return False
         # The write's own id: a conflict against it means an earlier attempt landed after all (a
         # store client that retried a timed-out call), not another node's write.
         write = uuid.uuid4().hex
@@ -290,18 +302,18 @@ class Controller:
         await self._keep_local(state)
         return True
 
-    async def _save_urgent(self, state: PersistedState, how: dict[str, Any]) -> None:
-        """Save a rollback that is already routed. If the store is down it is kept and written first
-        when the store answers (before anything is read from it), so the fleet follows it then; if
-        another node wrote first, its version is in force here now and the rollout resumes on it
-        (and rolls back again on fresh evidence, as after a crash)."""
+    async def _save_urgent(self, state: PersistedState, how: dict[str, Any]) -> bool:
+        """Save a rollback that is already routed; False if another node wrote first (its version
+        is in force here now, and the caller puts the rollback on top of it). If the store is down
+        the rollback is kept and written first when the store answers, before anything is read
+        from it or written to it, so the fleet follows it then."""
         try:
-            if not await self._persist(state, how):
-                log.error("a rollback was overtaken by a newer version from another node; it runs now")
+            return await self._persist(state, how)
         except (StoreDown, StateFileError) as exc:
             log.error("a rollback is live here but not saved yet: %s", exc)
             if self.shared is not None:
                 self._unsaved = (state, how)
+            return True
 
     async def _keep_local(self, state: PersistedState) -> None:
         """This node's last-known-good copy, what it starts from if the store is down then."""
@@ -318,20 +330,31 @@ class Controller:
 
     async def _sync_locked(self) -> None:
         assert self.shared is not None
-        if self._unsaved is not None:
-            state, how = self._unsaved
+        unsaved, self._unsaved = self._unsaved, None
+        if unsaved is not None and unsaved[0].version == self.switchboard.version:
+            state, how = unsaved
+            write = uuid.uuid4().hex
             try:
-                self.revision = await self.shared.swap(
-                    self.revision, encode_document(state, {**how, "node": self.node})
-                )
-                self._unsaved = None
+                try:
+                    self.revision = await self.shared.swap(
+                        self.revision, encode_document(state, {**how, "node": self.node, "write": write})
+                    )
+                    unsaved = None
+                except StoreConflict:
+                    stored = await self.shared.read()
+                    if stored is None or stored.change.get("write") != write:
+                        log.error("a rollback made during the store outage was overtaken by a newer version")
+                    else:
+                        self.revision = stored.revision
+                        unsaved = None  # it had landed after all
+            except StoreUnavailable:
+                self._unsaved = unsaved  # still down: keep it for the next try
+                raise
+            if unsaved is None:
                 self.store_error = None
                 log.warning("the rollback made during the store outage is saved now: the fleet follows it")
                 await self._keep_local(state)
                 return
-            except StoreConflict:
-                self._unsaved = None
-                log.error("a rollback made during the store outage was overtaken by a newer version")
         stored = await self.shared.read()
         self.store_error = None
         if stored is None:
@@ -354,12 +377,13 @@ class Controller:
         """Another node's version: its weights (drains start here too), pools and rollout records."""
         if state.rollouts != self.rollouts:
             # First: records that do not read (a newer bgproxy's) leave everything as it was.
+            kept = state.rollouts
             if self.on_rollouts is not None:
                 try:
-                    self.on_rollouts(state.rollouts)
+                    kept = self.on_rollouts(state.rollouts)
                 except ValueError as exc:
                     raise StoreDataError(f"the shared state's rollouts do not read: {exc}") from None
-            self.rollouts = state.rollouts
+            self.rollouts = kept
             rollouts_changed = True
         else:
             rollouts_changed = False
@@ -440,6 +464,8 @@ class Controller:
                 if owner is not None and owner != self.holder:
                     # Forced past, here or on another node: the rollout's own steps stop here.
                     raise RolloutHolds(f"rollout {owner} no longer holds the switch; nothing changed")
+                if owner is not None and self.may_decide is not None and not self.may_decide():
+                    raise StoreBusy("this node no longer leads rollouts; the new leader goes on")
                 if self.holder is not None and owner != self.holder and not force:
                     raise RolloutHolds(
                         f'rollout {self.holder} is running; nothing changed. Send "force": true to abort '
@@ -505,7 +531,19 @@ class Controller:
             self._runtime.install(route_table(board, self.sticky, self.preview))
             self._drainer.on_switch(result)
             if urgent:
-                await self._save_urgent(planned, how)
+                for _ in self._attempts():
+                    if await self._save_urgent(planned, how):
+                        break
+                    # Another node's version is in force here now: the rollback goes on top of it.
+                    now = time.time()
+                    again = change(board, now)
+                    if again.event is not None:
+                        self._runtime.install(route_table(board, self.sticky, self.preview))
+                        self._drainer.on_switch(again)
+                    self.rollouts = records
+                    planned = PersistedState(
+                        board.weights, board.version, board.updated_at, records, self.pools
+                    )
             self._applied()
             await self.record(switch_event(event))
             return result

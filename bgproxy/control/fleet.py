@@ -87,16 +87,19 @@ class Fleet:
         self.applied_at = time.time()
         self._stats = stats
         self._admin_url = admin_url
+        self._admin = ""
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lead_until = 0.0
         self.on_lead: Callable[[bool], None] | None = None  # leadership gained (True) or lost
         self._was_leading = False
         self._stopped = False
+        self._stepped_down = False
         # The leader's memory of every node incarnation's last counters: a node that dies keeps its
         # share in the sum, so the fleet's counters never go backwards.
         self._counts: dict[str, dict[str, Raw]] = {}
         controller.on_applied = self._on_applied
+        controller.may_decide = lambda: self.leading
 
     @property
     def where(self) -> str:
@@ -111,6 +114,7 @@ class Fleet:
         return self.controller.store_error
 
     def start(self) -> None:
+        self._admin = self._admin_url()  # read once: the admin socket is closed before the fleet stops
         self._wake.set()  # the first record goes out at once: a node shows in /v1/fleet as it starts
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(f()) for f in (self._watch, self._poll, self._beat, self._lead)]
@@ -118,16 +122,19 @@ class Fleet:
     async def step_down(self) -> None:
         """Stop leading (a graceful shutdown): give the lease up so another node takes rollouts over
         at once; this node goes on following the fleet while it drains."""
+        if self._stepped_down:
+            return
+        self._stepped_down = True
         lead = self._tasks.pop() if self._tasks else None  # _lead is started last
         if lead is not None:
             lead.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lead
         self._lead_until = 0.0  # nothing decides here from now on (a rollout tick, a gate's answer)
-        if self._was_leading:
-            self._was_leading = False
-            with contextlib.suppress(StoreUnavailable, TimeoutError):
-                await asyncio.wait_for(self.shared.resign(self.holder), 1.0)
+        self._was_leading = False
+        # Always: the lease may have been taken just before the cancel; resign frees only ours.
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            await asyncio.wait_for(self.shared.resign(self.holder), 1.0)
 
     async def stop(self) -> None:
         """Idempotent: step down, stop following, release the store's connections."""
@@ -189,7 +196,7 @@ class Fleet:
             "incarnation": self.incarnation,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "admin": self._admin_url(),
+            "admin": self._admin,
             "version": board.version,
             "revision": self.controller.revision,
             "applied_at": self.applied_at,
@@ -211,6 +218,8 @@ class Fleet:
                     self._remember(await self.shared.nodes())
             except StoreUnavailable as exc:
                 self._down(exc)
+            except Exception:  # a bug must not silence this node's record for good
+                log.exception("fleet: publishing this node's record failed; trying again")
 
     async def _lead(self) -> None:
         while True:

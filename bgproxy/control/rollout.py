@@ -97,6 +97,7 @@ class RolloutRunner:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._gates: set[asyncio.Task[None]] = set()
+        self._retry: asyncio.TimerHandle | None = None  # a gate asked again after its answer was lost
         self.outcomes: dict[str, int] = {}
         self.rollbacks: dict[str, int] = {}
         # Raises ValueError for a malformed record; the App reports it as a state file problem.
@@ -112,18 +113,26 @@ class RolloutRunner:
         self._controller.on_rollouts = self.adopt
 
     def _on_lead(self, leading: bool) -> None:
+        """Taking the lease: a running rollout resumes with a fresh test at the same step, as after a
+        restart, if it still holds the switch; one a forced change overrode is ended on the next tick
+        (the holder is what the records and the changes since say, never set here)."""
         running = self.running
-        if leading and running is not None:
-            self._controller.holder = running.id
-            self._resume = True  # a fresh test at the same step, as after a restart
+        if leading and running is not None and self._controller.holder == running.id:
+            self._resume = True
 
-    def adopt(self, records: Records) -> None:
-        """The records another node wrote (the previous leader's, or a forced change's)."""
-        self.history = deque((from_record(r) for r in records), maxlen=HISTORY)
+    def adopt(self, records: Records) -> Records:
+        """Rollout records in a version another node wrote: the records to keep.
+
+        Only the leader writes rollout records, so a follower takes them as they are. The leader
+        keeps its own: what it adopts is its own write that landed late, or a previous leader's.
+        """
+        history = deque((from_record(r) for r in records), maxlen=HISTORY)  # ValueError: unreadable
+        if self.fleet is not None and self.fleet.leading:
+            return self._records()
+        self.history = history
         running = self.running
         self._controller.holder = None if running is None else running.id
-        if running is not None and self.fleet is not None and self.fleet.leading:
-            self._resume = True
+        return records
 
     @property
     def current(self) -> Rollout | None:
@@ -172,6 +181,8 @@ class RolloutRunner:
         task.add_done_callback(self._gates.discard)
 
     async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         tasks = [t for t in (self._task, *self._gates) if t is not None]
         for task in tasks:
             task.cancel()
@@ -199,13 +210,13 @@ class RolloutRunner:
             if r is None:
                 return
             now = time.time()
-            if self._resume:
+            if self._controller.holder != r.id:  # first: a forced change ends it, resumed or not
+                await self._apply(*on_overridden(r, "an operator", now))
+                self._resume = False
+            elif self._resume:
                 log.warning("resuming rollout %s at step %d after a restart", r.id, r.step + 1)
                 await self._apply(*resumed(r, self.observe(), now))
                 self._resume = False
-                return
-            if self._controller.holder != r.id:
-                await self._apply(*on_overridden(r, "an operator", now))
             else:
                 await self._apply(*on_tick(r, self.observe(), now))
 
@@ -410,7 +421,9 @@ class RolloutRunner:
                 log.exception(
                     "rollout %s: gate %s answered but could not be applied; asking again", r.id, kind
                 )
-                asyncio.get_running_loop().call_later(GATE_RETRY, self._spawn_gate, r, kind, ask)
+                self._retry = asyncio.get_running_loop().call_later(
+                    GATE_RETRY, self._spawn_gate, r, kind, ask
+                )
 
     def _payload(self, r: Rollout, kind: str) -> dict[str, Any]:
         return {
