@@ -333,9 +333,7 @@ async def test_if_match_newer_than_this_node_is_read_from_the_store(
         url = store_server.url(f"/t-{tmp_path.name}/")
         proxy = await make_proxy([blue.addr], [green.addr], state_store=url, flip_probe="off")
         app = proxy.app
-        assert app.fleet is not None
-        for task in app.fleet._tasks[:2]:  # the watch and the poll: this node hears of nothing now
-            task.cancel()
+        deaf(proxy)
         other = make_store(url)
         try:
             stored = await other.read()

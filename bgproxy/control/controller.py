@@ -254,12 +254,16 @@ class Controller:
         here. Read it now (once) so If-Match holds the same on every node; True: plan again."""
         if self.shared is None or attempt > 0 or expected <= self.switchboard.version:
             return False
+        await self._sync_or_down()
+        return True
+
+    async def _sync_or_down(self) -> None:
+        """Catch up with the store before a change is planned again; StoreDown (503) if it is down."""
         try:
             await self._sync_locked()
         except StoreUnavailable as exc:
             self.store_error = str(exc)
             raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
-        return True
 
     async def _persist(self, state: PersistedState, change: dict[str, Any]) -> bool:
         """Save a planned state; False if another node of the fleet wrote first (its version is
@@ -270,11 +274,7 @@ class Controller:
             await asyncio.to_thread(self.store.save, state)
             return True
         if self._unsaved is not None:  # a rollback the store missed goes first; then plan again
-            try:
-                await self._sync_locked()
-            except StoreUnavailable as exc:
-                self.store_error = str(exc)
-                raise StoreDown(f"{exc}; nothing changed, traffic goes on as it was") from None
+            await self._sync_or_down()
             return False
         # The write's own id: a conflict against it means an earlier attempt landed after all (a
         # store client that retried a timed-out call), not another node's write.
