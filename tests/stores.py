@@ -164,6 +164,46 @@ class RedisServer(StoreServer):
             return False
 
 
+class TlsRedisServer(RedisServer):
+    """redis-server serving TLS only (``rediss://``), asking each client for a certificate from the
+    test CA."""
+
+    def __init__(self, data_dir: Path, certs: Certs) -> None:
+        super().__init__(data_dir)
+        self.certs = certs
+
+    def argv(self) -> list[str]:
+        plain = super().argv()
+        at = plain.index("--port")
+        c = self.certs
+        return [
+            *plain[:at], *plain[at + 2 :],
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--tls-cert-file", c.server_cert,
+            "--tls-key-file", c.server_key,
+            "--tls-ca-cert-file", c.ca,
+            "--tls-auth-clients", "yes",
+        ]  # fmt: skip
+
+    def url(self, prefix: str) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?prefix={prefix}:"
+
+    async def answers(self) -> bool:
+        context = ssl.create_default_context(cafile=self.certs.ca)
+        context.load_cert_chain(self.certs.client_cert, self.certs.client_key)
+        try:
+            async with asyncio.timeout(0.5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=context)
+                try:
+                    writer.write(b"PING\r\n")
+                    return await reader.readline() == b"+PONG\r\n"
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
+
+
 @dataclass(frozen=True)
 class Certs:
     """A test CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
@@ -323,6 +363,16 @@ def private_etcd(tmp_path: Path) -> Iterator[Callable[..., EtcdServer]]:
     yield make
     for server in made:
         server.kill()
+
+
+@pytest.fixture
+def private_tls_redis(tmp_path: Path, tls_certs: Certs) -> Iterator[TlsRedisServer]:
+    """A redis-server of the test's own serving TLS only with ``tls_certs`` (not started)."""
+    data = tmp_path / "redis-tls"
+    data.mkdir()
+    server = TlsRedisServer(data, tls_certs)
+    yield server
+    server.kill()
 
 
 @pytest.fixture

@@ -21,12 +21,14 @@ from stores import (  # conftest loads it first
     OpenStore,
     RedisServer,
     StoreServer,
+    TlsRedisServer,
     make_store,
 )
 
 from bgproxy.config import Config, load_config
 from bgproxy.control import etcd_store, redis_store
 from bgproxy.control.etcd_store import EtcdStore
+from bgproxy.control.redis_store import RedisStore
 from bgproxy.control.shared import (
     SharedStore,
     StoreConflict,
@@ -448,7 +450,7 @@ async def test_redis_credentials_come_from_the_environment_and_never_show(
     prefix = f"acl-{tmp_path.name}"
     user, password = f"bgproxy-{tmp_path.name}", "s3cret-for-redis-acl"
     admin = make_store(redis_server.url(prefix))
-    assert isinstance(admin, redis_store.RedisStore)
+    assert isinstance(admin, RedisStore)
     await admin._redis.execute_command(  # the test's own setup, as an operator would with redis-cli
         "ACL", "SETUSER", user, "on", f">{password}", f"~{prefix}:*", f"&{prefix}:*", "+@all"
     )
@@ -477,3 +479,25 @@ def load_config_text(tmp_path: Path, extra: str) -> Config:
         "pools: {blue: {upstreams: ['127.0.0.1:1']}, green: {upstreams: ['127.0.0.1:2']}}\n" + extra
     )
     return load_config(path, environ={})
+
+
+async def test_redis_over_tls_with_a_client_certificate(
+    private_tls_redis: TlsRedisServer, tls_certs: Certs
+) -> None:
+    certs = tls_certs
+    await private_tls_redis.start()
+    url = private_tls_redis.url("tls")
+    good = RedisStore(url, tls=StoreTLS(certs.ca, certs.client_cert, certs.client_key))
+    unknown_ca = RedisStore(url)  # rediss:// with the system's CAs, which do not know the test CA
+    no_client_cert = RedisStore(url, tls=StoreTLS(certs.ca))
+    try:
+        revision = await good.swap(None, document(100, 1))
+        async with watching(good) as watch:
+            await heard(watch, good.swap(revision, document(0, 2)))
+        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
+            await unknown_ca.read()
+        with pytest.raises(StoreUnavailable, match=r"state store rediss://127\.0\.0\.1"):
+            await no_client_cert.read()
+    finally:
+        for store in (good, unknown_ca, no_client_cert):
+            await store.close()
