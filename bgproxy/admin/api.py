@@ -32,7 +32,8 @@ from ..core.switchboard import SwitchResult
 from ..core.timefmt import rfc3339
 from ..core.weights import Weights
 from .changes import MembershipView, RemoveRequest, UpstreamRequest, UpstreamsRequest
-from .fleet import FleetError, fleet_view, store_view, to_leader, wait_all, wait_wanted
+from .errors import ApiError
+from .fleet import fleet_view, store_view, to_leader, wait_all, wait_wanted
 from .metrics import error_window_state
 from .models import (
     DrainWaitView,
@@ -61,19 +62,6 @@ LOCAL_ACTOR = "local"
 M = TypeVar("M", bound=BaseModel)
 
 
-class ApiError(Exception):
-    """A refusal, answered as ``{"error": ..., "detail": [...]}`` with ``status``."""
-
-    def __init__(
-        self, status: int, error: str, detail: list[str] | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.detail = detail or []
-        self.headers = headers or {}
-
-
 def _error_response(status: int, error: str, detail: list[str], headers: dict[str, str]) -> web.Response:
     body = ErrorView(error=error, detail=detail).model_dump(mode="json")
     return web.json_response(body, status=status, headers=headers)
@@ -86,8 +74,6 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except ApiError as exc:
         return _error_response(exc.status, exc.error, exc.detail, exc.headers)
-    except FleetError as exc:
-        return _error_response(exc.status, exc.error, exc.detail, {})
     except web.HTTPException as exc:
         detail = [f"{request.method} {request.path}"]
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}

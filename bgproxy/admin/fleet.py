@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 from typing import Any
@@ -13,7 +12,9 @@ from aiohttp import web
 
 from ..config import parse_duration
 from ..control.shared import StoreUnavailable
+from ..core.address import is_loopback, is_unspecified
 from ..core.timefmt import rfc3339
+from .errors import ApiError
 from .models import FleetView, FleetWaitView, StoreView
 from .readmodel import Process
 
@@ -23,23 +24,12 @@ FORWARDED = "X-Bgproxy-Forwarded-By"  # a request a node sent to the leader is n
 FORWARD_TIMEOUT = 15.0
 
 
-class FleetError(Exception):
-    """Answered as an API error: (status, message, detail)."""
-
-    def __init__(self, status: int, error: str, detail: list[str] | None = None) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.detail = detail or []
-
-
-def store_view(app: Process) -> dict[str, Any]:
+def store_view(app: Process) -> StoreView:
+    """Where the switch state lives (/v1/state and /v1/fleet show the same)."""
     fleet = app.fleet
     if fleet is None:
         where = app.controller.store.where
-        return StoreView(
-            backend="file", where=where, status="ok", error=None, node=None, revision=None
-        ).model_dump(mode="json")
+        return StoreView(backend="file", where=where, status="ok", error=None, node=None, revision=None)
     error = fleet.error
     return StoreView(
         backend="etcd" if fleet.where.startswith("etcd") else "redis",
@@ -48,7 +38,7 @@ def store_view(app: Process) -> dict[str, Any]:
         error=error,
         node=fleet.node,
         revision=app.controller.revision,
-    ).model_dump(mode="json")
+    )
 
 
 async def fleet_view(app: Process) -> dict[str, Any]:
@@ -56,14 +46,14 @@ async def fleet_view(app: Process) -> dict[str, Any]:
     fleet = app.fleet
     version = app.switchboard.version
     if fleet is None:
-        return FleetView(
-            store=StoreView(**store_view(app)), version=version, leader=None, nodes=[]
-        ).model_dump(mode="json")
+        return FleetView(store=store_view(app), version=version, leader=None, nodes=[]).model_dump(
+            mode="json"
+        )
     try:
         nodes = await fleet.nodes()
         leader = await fleet.leader()
     except StoreUnavailable as exc:
-        raise FleetError(503, str(exc), ["the nodes cannot be listed while the store is down"]) from None
+        raise ApiError(503, str(exc), ["the nodes cannot be listed while the store is down"]) from None
     now = time.time()
     newest = max([version, *(int(r.get("version", 0)) for r in nodes.values())])
     updated = app.switchboard.updated_at if newest == version else None
@@ -95,11 +85,7 @@ async def fleet_view(app: Process) -> dict[str, Any]:
 def _loopback(url: str) -> bool:
     """An address that means "this host" wherever it is used: only good on the host that sent it."""
     host = urlsplit(url).hostname or ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host == "localhost"
-    return address.is_loopback or address.is_unspecified
+    return is_loopback(host) or is_unspecified(host)
 
 
 def wait_wanted(request: web.Request) -> float | None:
@@ -107,16 +93,16 @@ def wait_wanted(request: web.Request) -> float | None:
     query = request.query
     if "wait" not in query:
         if "wait_timeout" in query:
-            raise FleetError(422, "invalid query", ["wait_timeout: only with wait=all"])
+            raise ApiError(422, "invalid query", ["wait_timeout: only with wait=all"])
         return None
     if query["wait"] != "all":
-        raise FleetError(422, "invalid query", [f"wait: must be all (got {query['wait']!r})"])
+        raise ApiError(422, "invalid query", [f"wait: must be all (got {query['wait']!r})"])
     try:
         seconds = parse_duration(query.get("wait_timeout", str(WAIT_DEFAULT)))
     except ValueError as exc:
-        raise FleetError(422, "invalid query", [f"wait_timeout: {exc}"]) from None
+        raise ApiError(422, "invalid query", [f"wait_timeout: {exc}"]) from None
     if not 0 < seconds <= WAIT_MAX:
-        raise FleetError(422, "invalid query", [f"wait_timeout: must be over 0 and at most {WAIT_MAX:g}s"])
+        raise ApiError(422, "invalid query", [f"wait_timeout: must be over 0 and at most {WAIT_MAX:g}s"])
     return seconds
 
 
@@ -129,7 +115,7 @@ async def wait_all(app: Process, version: int, within: float) -> dict[str, Any]:
     try:
         complete, nodes = await fleet.wait_applied(version, within)
     except StoreUnavailable as exc:
-        raise FleetError(
+        raise ApiError(
             503, f"the change is made (version {version}) but the nodes cannot be read: {exc}"
         ) from None
     pending = sorted(n for n, r in nodes.items() if int(r.get("version", -1)) < version)
@@ -144,21 +130,21 @@ async def to_leader(app: Process, request: web.Request) -> web.StreamResponse | 
     if fleet is None or fleet.leading:
         return None
     if FORWARDED in request.headers:
-        raise FleetError(
+        raise ApiError(
             503, "this node no longer leads rollouts; try again", [f"sent by {request.headers[FORWARDED]}"]
         )
     try:
         leader = await fleet.leader()
         nodes = await fleet.nodes()
     except StoreUnavailable as exc:
-        raise FleetError(503, f"rollouts are driven by the fleet's leader, and {exc}") from None
+        raise ApiError(503, f"rollouts are driven by the fleet's leader, and {exc}") from None
     record = nodes.get(leader or "", {})
     admin = record.get("admin")
     if leader is None or not admin:
-        raise FleetError(503, "no node leads rollouts at this moment (the lease is being taken); try again")
+        raise ApiError(503, "no node leads rollouts at this moment (the lease is being taken); try again")
     if _loopback(admin) and record.get("host") != socket.gethostname():
         # Its 127.0.0.1 is not ours: sending the call (and its token) there would reach this host.
-        raise FleetError(
+        raise ApiError(
             503,
             f"rollouts are driven by {leader}, whose admin API listens on loopback on host "
             f"{record.get('host')}; send this call to it there",
@@ -183,6 +169,6 @@ async def to_leader(app: Process, request: web.Request) -> web.StreamResponse | 
                 headers={"X-Bgproxy-Leader": leader},
             )
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise FleetError(
+        raise ApiError(
             503, f"the rollout leader {leader} ({admin}) did not answer: {exc or 'timeout'}"
         ) from None

@@ -38,6 +38,7 @@ from aiohttp import web
 
 from ..core.colors import COLORS, Color
 from ..core.timefmt import rfc3339
+from .errors import ApiError
 from .metrics import error_window_state
 from .models import WatchCountersEvent, WatchHistoryEvent, WatchStateEvent
 from .readmodel import Process
@@ -345,8 +346,6 @@ def attach(admin: web.Application, process: Process) -> WatchHub:
 
 def _wants_counters(request: web.Request) -> bool:
     """``?counters=0``: state events only (with a heartbeat comment), e.g. for a terminal that redraws."""
-    from .api import ApiError  # noqa: PLC0415 (api.py imports this module)
-
     value = request.query.get("counters", "1")
     if value not in ("0", "1"):
         raise ApiError(422, "invalid query", [f"counters: must be 1 or 0 (got {value!r})"])
