@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -41,6 +40,7 @@ from .control.rollout import RolloutRunner
 from .control.shared import SharedStore, StoreConflict, Stored, StoreUnavailable, encode_document
 from .control.state import FileStateBackend, PersistedState, StateFileError
 from .control.stores import open_store
+from .core.address import host_port, is_loopback, is_unspecified
 from .core.colors import COLORS
 from .core.switchboard import Switchboard
 from .core.weights import Weights
@@ -302,7 +302,7 @@ class App:
                 self.shared,
                 self.stats,
                 node=node,
-                admin_url=lambda: f"http://{_advertised(admin_sock.getsockname()[0])}:{self.admin_port}",
+                admin_url=_advertised(admin_sock),
             )
             rollouts.join(self.fleet)
             controller.on_pools = membership.adopt
@@ -498,11 +498,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _advertised(host: str) -> str:
-    """The admin address other nodes reach: this host's name for a wildcard bind (0.0.0.0, ::)."""
-    if ipaddress.ip_address(host).is_unspecified:
-        return socket.gethostname()
-    return f"[{host}]" if ":" in host else host
+def _advertised(sock: socket.socket) -> str:
+    """The admin URL other nodes reach: this host's name for a wildcard bind (0.0.0.0, ::)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{host_port(socket.gethostname() if is_unspecified(host) else host, port)}"
 
 
 def _check_admin_exposure(config: Config, host: str | None = None) -> None:
@@ -514,11 +513,7 @@ def _check_admin_exposure(config: Config, host: str | None = None) -> None:
         return
     where = f"admin.listen: {config.admin.listen}" if host is None else f"the inherited admin socket ({host})"
     host = config.admin.listen.host if host is None else host
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
+    if not is_loopback(host):
         raise ConfigError(
             [
                 f"{where} is not a loopback address and admin.tokens is empty; "

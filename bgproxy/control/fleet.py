@@ -53,6 +53,11 @@ def raw_counts(stats: ColorStats) -> Raw:
     }
 
 
+def process_counts(stats: Stats) -> dict[str, Raw]:
+    """This process's counters, per color: what it publishes and what a single node judges."""
+    return {c: raw_counts(stats.colors[c]) for c in COLORS}
+
+
 def add_counts(into: Raw, more: Raw) -> None:
     for key in ("codes", "broken"):
         table = into.setdefault(key, {})
@@ -74,7 +79,7 @@ class Fleet:
         stats: Stats,
         *,
         node: str,
-        admin_url: Callable[[], str],
+        admin_url: str,
     ) -> None:
         self.controller = controller
         self.shared = shared
@@ -86,8 +91,7 @@ class Fleet:
         self.started_at = time.time()
         self.applied_at = time.time()
         self._stats = stats
-        self._admin_url = admin_url
-        self._admin = ""
+        self._admin_url = admin_url  # where the others send rollout calls when this node leads
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lead_until = 0.0
@@ -114,7 +118,6 @@ class Fleet:
         return self.controller.store_error
 
     def start(self) -> None:
-        self._admin = self._admin_url()  # read once: the admin socket is closed before the fleet stops
         self._wake.set()  # the first record goes out at once: a node shows in /v1/fleet as it starts
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(f()) for f in (self._watch, self._poll, self._beat, self._lead)]
@@ -196,7 +199,7 @@ class Fleet:
             "incarnation": self.incarnation,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "admin": self._admin,
+            "admin": self._admin_url,
             "version": board.version,
             "revision": self.controller.revision,
             "applied_at": self.applied_at,
@@ -204,7 +207,7 @@ class Fleet:
             "started_at": self.started_at,
             "leader": self.leading,
             "store": "degraded" if self.error else "ok",
-            "counts": {c: raw_counts(self._stats.colors[c]) for c in COLORS},
+            "counts": process_counts(self._stats),
         }
 
     async def _beat(self) -> None:
@@ -261,12 +264,10 @@ class Fleet:
             incarnation = record.get("incarnation")
             if isinstance(counts, dict) and isinstance(incarnation, str):
                 self._counts[incarnation] = counts
-        # This node's own counters are read live, not as last published.
-        self._counts[self.incarnation] = {c: raw_counts(self._stats.colors[c]) for c in COLORS}
 
     def summed(self) -> dict[str, Raw]:
         """Every node's counters added up, per color (the leader judges rollouts on these)."""
-        self._counts[self.incarnation] = {c: raw_counts(self._stats.colors[c]) for c in COLORS}
+        self._counts[self.incarnation] = process_counts(self._stats)  # live, not as last published
         total: dict[str, Raw] = {c: {} for c in COLORS}
         for counts in self._counts.values():
             for color in COLORS:

@@ -20,3 +20,19 @@ def in_networks(ip: str, networks: Iterable[Network]) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in networks)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, or a name) is this machine's loopback: 127.0.0.0/8, ::1, localhost."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or ::, a wildcard bind: "every address of this host", never a place to connect to."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
