@@ -276,20 +276,10 @@ class Controller:
         if self._unsaved is not None:  # a rollback the store missed goes first; then plan again
             await self._sync_or_down()
             return False
-        # The write's own id: a conflict against it means an earlier attempt landed after all (a
-        # store client that retried a timed-out call), not another node's write.
-        write = uuid.uuid4().hex
-        document = encode_document(state, {**change, "node": self.node, "write": write})
         try:
-            try:
-                self.revision = await self.shared.swap(self.revision, document)
-            except StoreConflict:
-                stored = await self.shared.read()
-                if stored is not None and stored.change.get("write") == write:
-                    self.revision = stored.revision
-                else:
-                    await self._sync_locked()
-                    return False
+            if not await self._swap(state, change):
+                await self._sync_locked()
+                return False
         except StoreUnavailable as exc:
             self.store_error = str(exc)
             # A write that timed out may still reach the store: then every node applies it (this one
@@ -300,6 +290,24 @@ class Controller:
             ) from None
         self.store_error = None
         await self._keep_local(state)
+        return True
+
+    async def _swap(self, state: PersistedState, change: dict[str, Any]) -> bool:
+        """Compare-and-swap ``state`` on this node's revision; False if another node wrote first.
+
+        The write carries an id of its own: a conflict against it means this very write landed
+        after all (a store client that retried a timed-out call), not another node's write.
+        """
+        assert self.shared is not None
+        write = uuid.uuid4().hex
+        document = encode_document(state, {**change, "node": self.node, "write": write})
+        try:
+            self.revision = await self.shared.swap(self.revision, document)
+        except StoreConflict:
+            stored = await self.shared.read()
+            if stored is None or stored.change.get("write") != write:
+                return False
+            self.revision = stored.revision
         return True
 
     async def _save_urgent(self, state: PersistedState, how: dict[str, Any]) -> bool:
@@ -333,28 +341,17 @@ class Controller:
         unsaved, self._unsaved = self._unsaved, None
         if unsaved is not None and unsaved[0].version == self.switchboard.version:
             state, how = unsaved
-            write = uuid.uuid4().hex
             try:
-                try:
-                    self.revision = await self.shared.swap(
-                        self.revision, encode_document(state, {**how, "node": self.node, "write": write})
-                    )
-                    unsaved = None
-                except StoreConflict:
-                    stored = await self.shared.read()
-                    if stored is None or stored.change.get("write") != write:
-                        log.error("a rollback made during the store outage was overtaken by a newer version")
-                    else:
-                        self.revision = stored.revision
-                        unsaved = None  # it had landed after all
+                saved = await self._swap(state, how)
             except StoreUnavailable:
                 self._unsaved = unsaved  # still down: keep it for the next try
                 raise
-            if unsaved is None:
+            if saved:
                 self.store_error = None
                 log.warning("the rollback made during the store outage is saved now: the fleet follows it")
                 await self._keep_local(state)
                 return
+            log.error("a rollback made during the store outage was overtaken by a newer version")
         stored = await self.shared.read()
         self.store_error = None
         if stored is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -110,24 +110,25 @@ class RedisStore:
     def _key(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
-    def _down(self, exc: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"state store {self._where}: {exc or type(exc).__name__}")
+    @contextlib.contextmanager
+    def _answering(self) -> Iterator[None]:
+        """Every Redis or socket error of a call, as StoreUnavailable naming the store."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"state store {self._where}: {exc or type(exc).__name__}") from None
 
     async def read(self) -> Stored | None:
-        try:
+        with self._answering():
             doc, rev = await self._redis.hmget(self._key("state"), ["doc", "rev"])
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
         if doc is None or rev is None:
             return None
         return decode_document(doc, int(rev), self._where)
 
     async def swap(self, revision: int | None, document: str) -> int:
         keys = [self._key("state"), self._key("changes")]
-        try:
+        with self._answering():
             ok, rev = await self._swap(keys=keys, args=[revision or 0, document])
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
         if not ok:
             raise StoreConflict(revision or 0, int(rev))
         return int(rev)
@@ -135,43 +136,42 @@ class RedisStore:
     async def changes(self) -> AsyncGenerator[None, None]:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self._key("changes"))
-            yield None  # subscribed: anything written before now is for the caller's read to see
-            awaiting_pong = False
-            while True:
-                message = await pubsub.get_message(timeout=TIMEOUT)
-                if message is not None:
-                    kind = message.get("type")
-                    if kind == "message":
-                        yield None
-                    elif kind == "pong":
-                        awaiting_pong = False
-                    continue
-                # A second of silence: is the server there (a round trip on the command connection,
-                # answered within TIMEOUT or raising), and is this subscription (its PONG must come
-                # back before the next second of silence ends)?
-                if awaiting_pong:
-                    raise StoreUnavailable(f"state store {self._where}: the subscription stopped answering")
-                await self._redis.ping()
-                await pubsub.ping()
-                awaiting_pong = True
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
+            with self._answering():
+                await pubsub.subscribe(self._key("changes"))
+                yield None  # subscribed: anything written before now is for the caller's read to see
+                awaiting_pong = False
+                while True:
+                    message = await pubsub.get_message(timeout=TIMEOUT)
+                    if message is not None:
+                        kind = message.get("type")
+                        if kind == "message":
+                            yield None
+                        elif kind == "pong":
+                            awaiting_pong = False
+                        continue
+                    # A second of silence: is the server there (a round trip on the command connection,
+                    # answered within TIMEOUT or raising), and is this subscription (its PONG must come
+                    # back before the next second of silence ends)?
+                    if awaiting_pong:
+                        raise StoreUnavailable(
+                            f"state store {self._where}: the subscription stopped answering"
+                        )
+                    await self._redis.ping()
+                    await pubsub.ping()
+                    awaiting_pong = True
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def beat(self, node: str, record: dict[str, Any], ttl: float) -> None:
-        try:
+        with self._answering():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(self._key(f"node:{node}"), json.dumps(record), px=int(ttl * 1000))
                 pipe.sadd(self._key("nodes"), node)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
-        try:
+        with self._answering():
             names = sorted(_text(n) for n in await self._redis.smembers(self._key("nodes")))
             if not names:
                 return {}
@@ -179,43 +179,31 @@ class RedisStore:
             gone = [n for n, v in zip(names, values, strict=True) if v is None]
             if gone:
                 await self._redis.srem(self._key("nodes"), *gone)
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
         return {n: r for n, v in zip(names, values, strict=True) if v is not None and (r := readable(v))}
 
     async def lead(self, node: str, ttl: float) -> bool:
-        try:
+        with self._answering():
             return bool(await self._lead(keys=[self._key("leader")], args=[node, int(ttl * 1000)]))
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
 
     async def resign(self, node: str) -> None:
-        try:
+        with self._answering():
             await self._resign(keys=[self._key("leader")], args=[node])
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
 
     async def leader(self) -> str | None:
-        try:
+        with self._answering():
             holder = await self._redis.get(self._key("leader"))
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
         return None if holder is None else _text(holder)
 
     async def append_event(self, event: dict[str, Any]) -> None:
-        try:
+        with self._answering():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(self._key("events"), json.dumps(event))
                 pipe.ltrim(self._key("events"), -EVENTS_KEPT, -1)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
 
     async def events(self) -> list[dict[str, Any]]:
-        try:
+        with self._answering():
             lines = await self._redis.lrange(self._key("events"), 0, -1)
-        except (RedisError, OSError) as exc:
-            raise self._down(exc) from None
         return [e for line in lines if (e := readable(line))]
 
     async def close(self) -> None:

@@ -47,7 +47,7 @@ from ..dataplane.stats import Stats
 from .audit import audit_event
 from .configure import error_matcher, webhooks
 from .controller import Controller, Frozen, Records
-from .fleet import Fleet, Raw, raw_counts
+from .fleet import Fleet, Raw, process_counts
 
 log = logging.getLogger("bgproxy.rollout")
 
@@ -57,7 +57,7 @@ GATE_RETRY = 1.0  # seconds before a gate whose answer could not be applied is a
 
 
 def color_counts(raw: Raw, is_error: Callable[[int], bool]) -> Counts:
-    """One color's cumulative counters (as control.fleet.raw_counts gives them) as the rollout
+    """One color's cumulative counters (as control.fleet.process_counts gives them) as the rollout
     judges them.
 
     An error is a response whose status is in ``error_statuses`` or an exchange an upstream cut
@@ -145,13 +145,12 @@ class RolloutRunner:
         return current if current is not None and not current.done else None
 
     def observe(self) -> Observation:
-        colors = self._stats.colors
         fleet = self.fleet
-        raw = fleet.summed() if fleet is not None else {c: raw_counts(s) for c, s in colors.items()}
+        raw = fleet.summed() if fleet is not None else process_counts(self._stats)
         return Observation(
             color_counts(raw["blue"], self._is_error),
             color_counts(raw["green"], self._is_error),
-            colors["blue"].buckets,
+            self._stats.colors["blue"].buckets,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------------
