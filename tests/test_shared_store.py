@@ -426,16 +426,23 @@ async def test_etcd_over_tls_with_a_client_certificate(
     await server.start()
     url = server.url("tls")
     assert url.startswith("etcds://")
-    good = EtcdStore(url, tls=StoreTLS(certs.ca, certs.client_cert, certs.client_key))
-    unknown_ca = EtcdStore(url)  # the system's CAs do not know the test CA
-    no_client_cert = EtcdStore(url, tls=StoreTLS(certs.ca))
+    await _check_tls(EtcdStore, url, certs)
+
+
+async def _check_tls(kind: Callable[..., SharedStore], url: str, certs: Certs) -> None:
+    """With the test CA and a client certificate it works, watch included; with the system's CAs
+    (which do not know the test CA) or without a client certificate it is a store error."""
+    good = kind(url, tls=StoreTLS(certs.ca, certs.client_cert, certs.client_key))
+    unknown_ca = kind(url)
+    no_client_cert = kind(url, tls=StoreTLS(certs.ca))
+    scheme = url.partition(":")[0]
     try:
         revision = await good.swap(None, document(100, 1))
         async with watching(good) as watch:
             await heard(watch, good.swap(revision, document(0, 2)))
         with pytest.raises(StoreUnavailable, match="certificate verify failed"):
             await unknown_ca.read()
-        with pytest.raises(StoreUnavailable, match=r"state store etcds://127\.0\.0\.1"):
+        with pytest.raises(StoreUnavailable, match=rf"state store {scheme}://127\.0\.0\.1"):
             await no_client_cert.read()
     finally:
         for store in (good, unknown_ca, no_client_cert):
@@ -487,17 +494,5 @@ async def test_redis_over_tls_with_a_client_certificate(
     certs = tls_certs
     await private_tls_redis.start()
     url = private_tls_redis.url("tls")
-    good = RedisStore(url, tls=StoreTLS(certs.ca, certs.client_cert, certs.client_key))
-    unknown_ca = RedisStore(url)  # rediss:// with the system's CAs, which do not know the test CA
-    no_client_cert = RedisStore(url, tls=StoreTLS(certs.ca))
-    try:
-        revision = await good.swap(None, document(100, 1))
-        async with watching(good) as watch:
-            await heard(watch, good.swap(revision, document(0, 2)))
-        with pytest.raises(StoreUnavailable, match="certificate verify failed"):
-            await unknown_ca.read()
-        with pytest.raises(StoreUnavailable, match=r"state store rediss://127\.0\.0\.1"):
-            await no_client_cert.read()
-    finally:
-        for store in (good, unknown_ca, no_client_cert):
-            await store.close()
+    assert url.startswith("rediss://")
+    await _check_tls(RedisStore, url, certs)
